@@ -1,0 +1,148 @@
+"""Build configuration as dataclasses.
+
+Every output (shard sample json, manifest, build summary) stores ``BuildConfig.to_dict()``,
+so a shard always says how it was made, in the spirit of diffusers' ``register_to_config``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+
+def _from_dict(cls, data: dict[str, Any]):
+    """Build dataclass ``cls`` from a (possibly partial) nested dict; unknown keys are errors."""
+    kwargs = {}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key, value in data.items():
+        if key not in fields:
+            raise ValueError(f"unknown config key {cls.__name__}.{key}")
+        ftype = fields[key].type
+        sub = _NESTED.get(ftype) if isinstance(ftype, str) else None
+        if sub is not None and isinstance(value, dict):
+            value = _from_dict(sub, value)
+        elif isinstance(value, list) and fields[key].default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            value = list(value)
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+class ConfigBase:
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        return _from_dict(cls, data)
+
+
+@dataclass
+class DecodeConfig(ConfigBase):
+    fps: float = 25.0               # output frame rate: VFR sources are resampled by timestamp
+    audio_sample_rate: int = 16000  # mono float32 for VAD and wav2vec
+    backend: str = "pyav"           # "pyav" (timestamps, VFR-safe) or "decord"
+    threads: int = 0                # decoder threads; 0 = library default
+
+
+@dataclass
+class SpeechConfig(ConfigBase):
+    backend: str = "silero"         # "silero" (offline, ships weights) | "pyannote" | "none"
+    threshold: float = 0.5          # silero speech probability threshold
+    min_speech_s: float = 0.25
+    min_silence_s: float = 0.6      # shorter pauses are bridged: a clip may hold a breath
+    pad_s: float = 0.1
+    pyannote_pipeline: Optional[str] = None  # local dir / config.yaml / hub id of a diarization pipeline
+    pyannote_token: Optional[str] = None
+
+
+@dataclass
+class SceneConfig(ConfigBase):
+    threshold: float = 0.15         # cut when the HSV+edge frame difference (0..1) exceeds this
+    adaptive_ratio: float = 3.0     # ... and exceeds this x the median of the recent differences
+    adaptive_window: int = 12
+    min_scene_frames: int = 5       # no two cuts closer than this
+    analysis_size: int = 64         # frames are compared at this size
+
+
+@dataclass
+class FaceConfig(ConfigBase):
+    backend: str = "dlib"           # "dlib" (offline default) | "insightface" | "face_alignment"
+    model_root: Optional[str] = None  # where insightface / face-alignment weights live
+    detect_every: int = 5           # run the detector every k frames, track in between
+    detect_max_side: int = 320      # frames are downscaled to this long side for detection
+    upsample: int = 0               # dlib HOG pyramid upsampling (finds smaller faces, slower)
+    min_face_fraction: float = 0.12 # face box side / frame short side below this is rejected
+    max_track_lost: int = 2         # detections a track may miss before it is dropped
+    embed_frames: int = 3           # frames per clip averaged into the identity embedding
+
+
+@dataclass
+class ClipConfig(ConfigBase):
+    min_seconds: float = 2.0        # must hold n+f = 4+12 frames with room to sample windows
+    max_seconds: float = 10.0
+    crop_size: int = 512
+    crop_scale: float = 1.8         # square crop side = this x the long side of the union face box
+    buffer_scale: float = 3.0       # frames are buffered inside a square of this x face size
+    max_gap_frames: int = 3         # a bad run this short inside a good span is tolerated
+    mp4_crf: int = 18
+    mp4_preset: str = "veryfast"
+
+
+@dataclass
+class SpeedConfig(ConfigBase):
+    # EMO does not publish d, c_i, r_i: 9 buckets over 0..~3 deg/frame, fit with `emo-data fit-buckets`.
+    centers: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5, 2.5])
+    radii: list[float] = field(default_factory=lambda: [0.05, 0.05, 0.075, 0.1, 0.125, 0.2, 0.25, 0.4, 0.75])
+    smooth_frames: int = 5          # pose is smoothed with a centred moving average before speeds
+
+
+@dataclass
+class AudioFeatureConfig(ConfigBase):
+    enabled: bool = True
+    encoder: str = "facebook/wav2vec2-base-960h"  # local dir or hub id
+    layers: Optional[list[int]] = None  # hidden-state indices to keep; None = all
+    dtype: str = "float16"
+    device: str = "cpu"
+
+
+@dataclass
+class IdentityConfig(ConfigBase):
+    distance_threshold: float = 0.5  # dlib embeddings: same person below ~0.6
+    test_fraction: float = 0.1
+    seed: int = 0
+
+
+@dataclass
+class ShardConfig(ConfigBase):
+    max_samples: int = 200
+    max_bytes: int = 1 << 30
+
+
+@dataclass
+class BuildConfig(ConfigBase):
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    speech: SpeechConfig = field(default_factory=SpeechConfig)
+    scene: SceneConfig = field(default_factory=SceneConfig)
+    face: FaceConfig = field(default_factory=FaceConfig)
+    clip: ClipConfig = field(default_factory=ClipConfig)
+    speed: SpeedConfig = field(default_factory=SpeedConfig)
+    audio_features: AudioFeatureConfig = field(default_factory=AudioFeatureConfig)
+    identity: IdentityConfig = field(default_factory=IdentityConfig)
+    shards: ShardConfig = field(default_factory=ShardConfig)
+
+
+_NESTED = {
+    "DecodeConfig": DecodeConfig,
+    "SpeechConfig": SpeechConfig,
+    "SceneConfig": SceneConfig,
+    "FaceConfig": FaceConfig,
+    "ClipConfig": ClipConfig,
+    "SpeedConfig": SpeedConfig,
+    "AudioFeatureConfig": AudioFeatureConfig,
+    "IdentityConfig": IdentityConfig,
+    "ShardConfig": ShardConfig,
+}

@@ -1,0 +1,192 @@
+"""Probe and decode a source exactly once, streaming.
+
+Audio (cheap: 64 KB per second at 16 kHz float32) is decoded whole so speech activity can be
+known before the video pass; video frames are streamed on a constant frame-rate grid and never
+held together. Times are seconds on the container's timeline, so audio and video stay aligned
+when their streams start at different times.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import numpy as np
+
+from .config import DecodeConfig
+from .stage import Stage, StageError
+from .types import AudioTrack, ProbeInfo, Source
+
+
+@dataclass
+class DecodedFrame:
+    index: int          # position on the output grid: time = index / fps
+    time_s: float
+    image: np.ndarray   # H x W x 3 uint8 RGB, display orientation (rotation applied)
+
+
+def _open(path: str):
+    import av
+
+    try:
+        if "://" in path:
+            import fsspec
+
+            return av.open(fsspec.open(path, "rb").open())
+        return av.open(path)
+    except FileNotFoundError as exc:
+        raise StageError("missing_file", f"{path}: file not found") from exc
+    except av.error.FFmpegError as exc:
+        raise StageError("unreadable", f"{path}: not a readable media file ({exc})") from exc
+    except Exception as exc:  # noqa: BLE001 - anything else PyAV raises on a broken file
+        raise StageError("unreadable", f"{path}: {type(exc).__name__}: {exc}") from exc
+
+
+def _stream_start(stream) -> float:
+    if stream.start_time is None or stream.time_base is None:
+        return 0.0
+    return float(stream.start_time * stream.time_base)
+
+
+class ProbeStage(Stage[Source, ProbeInfo]):
+    """Source -> stream facts. Raises StageError for files that cannot become training data."""
+
+    name = "probe"
+
+    def process(self, source: Source) -> ProbeInfo:
+        import os
+
+        if "://" not in source.path:
+            if not os.path.exists(source.path):
+                raise StageError("missing_file", f"{source.path}: file not found")
+            if os.path.getsize(source.path) == 0:
+                raise StageError("empty_file", f"{source.path}: zero bytes")
+        with _open(source.path) as container:
+            video = container.streams.video[0] if container.streams.video else None
+            audio = container.streams.audio[0] if container.streams.audio else None
+            duration = float(container.duration / 1_000_000) if container.duration else 0.0
+            info = ProbeInfo(path=source.path, duration_s=duration, has_video=video is not None, has_audio=audio is not None)
+            if video is not None:
+                info.width = video.codec_context.width
+                info.height = video.codec_context.height
+                info.avg_fps = float(video.average_rate) if video.average_rate else 0.0
+                info.video_start_s = _stream_start(video)
+                info.video_codec = video.codec_context.name
+                guessed = float(video.guessed_rate) if video.guessed_rate else info.avg_fps
+                info.variable_frame_rate = bool(info.avg_fps and guessed and abs(guessed - info.avg_fps) > 0.01 * guessed)
+            if audio is not None:
+                info.audio_sample_rate = audio.codec_context.sample_rate
+                info.audio_channels = audio.codec_context.channels
+                info.audio_start_s = _stream_start(audio)
+                info.audio_codec = audio.codec_context.name
+        if not info.has_video:
+            raise StageError("no_video_stream", f"{source.path}: no video stream")
+        if not info.has_audio:
+            raise StageError("no_audio_stream", f"{source.path}: no audio stream (EMO needs the voice track)")
+        if info.width <= 0 or info.height <= 0:
+            raise StageError("unreadable", f"{source.path}: video stream has no frame size")
+        return info
+
+
+class AudioDecodeStage(Stage[Source, AudioTrack]):
+    """Source -> 16 kHz mono float32 track with its start time on the source timeline."""
+
+    name = "audio_decode"
+
+    def __init__(self, config: Optional[DecodeConfig] = None):
+        super().__init__()
+        self.config = config or DecodeConfig()
+
+    def process(self, source: Source) -> AudioTrack:
+        import av
+
+        rate = self.config.audio_sample_rate
+        resampler = av.AudioResampler(format="flt", layout="mono", rate=rate)
+        chunks: list[np.ndarray] = []
+        start_s: Optional[float] = None
+        with _open(source.path) as container:
+            if not container.streams.audio:
+                raise StageError("no_audio_stream", f"{source.path}: no audio stream")
+            stream = container.streams.audio[0]
+            try:
+                for packet in container.demux(stream):
+                    for frame in packet.decode():
+                        if start_s is None:
+                            start_s = float(frame.time) if frame.time is not None else _stream_start(stream)
+                        for out in resampler.resample(frame):
+                            chunks.append(out.to_ndarray().reshape(-1))
+                for out in resampler.resample(None):
+                    chunks.append(out.to_ndarray().reshape(-1))
+            except av.error.FFmpegError as exc:
+                raise StageError("corrupt_audio", f"{source.path}: audio decoding failed: {exc}") from exc
+        samples = np.concatenate(chunks).astype(np.float32) if chunks else np.zeros(0, np.float32)
+        if samples.size == 0:
+            raise StageError("no_audio_stream", f"{source.path}: audio stream holds no decodable samples")
+        return AudioTrack(samples=samples, sample_rate=rate, start_s=start_s or 0.0)
+
+
+def _rotate(image: np.ndarray, rotation: int) -> np.ndarray:
+    # PyAV's frame.rotation is the counter-clockwise angle the display applies; np.rot90 is CCW too.
+    k = int(round(rotation / 90.0)) % 4
+    return np.ascontiguousarray(np.rot90(image, k)) if k else image
+
+
+def iter_frames(path: str, fps: float = 25.0, threads: int = 0) -> Iterator[DecodedFrame]:
+    """Stream a video resampled by timestamp to a constant ``fps`` grid (nearest source frame).
+
+    Variable frame-rate sources come out at exactly ``fps``; frame ``index`` is shown at
+    ``index / fps`` seconds on the source timeline. Only the frames that are emitted are
+    converted to RGB. Decoding errors part-way raise StageError('corrupt_video').
+    """
+    import av
+
+    with _open(path) as container:
+        if not container.streams.video:
+            raise StageError("no_video_stream", f"{path}: no video stream")
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        if threads:
+            stream.thread_count = threads
+        fallback_duration = 1.0 / float(stream.average_rate) if stream.average_rate else 1.0 / fps
+
+        prev = None          # (time, av frame)
+        prev_rgb = None      # cached conversion of prev
+        next_index: Optional[int] = None
+        emitted = 0
+
+        def emit(index: int):
+            nonlocal prev_rgb
+            if prev_rgb is None:
+                prev_rgb = _rotate(prev[1].to_ndarray(format="rgb24"), prev[1].rotation or 0)
+            return DecodedFrame(index=index, time_s=index / fps, image=prev_rgb)
+
+        try:
+            for frame in container.decode(stream):
+                if frame.time is None:
+                    continue
+                t = float(frame.time)
+                if prev is None:
+                    prev, prev_rgb = (t, frame), None
+                    next_index = int(round(t * fps))
+                    continue
+                if t <= prev[0]:
+                    continue  # out-of-order or duplicate timestamp
+                midpoint = 0.5 * (prev[0] + t)
+                while next_index / fps < midpoint:
+                    yield emit(next_index)
+                    emitted += 1
+                    next_index += 1
+                prev, prev_rgb = (t, frame), None
+        except av.error.FFmpegError as exc:
+            raise StageError("corrupt_video", f"{path}: video decoding failed after {emitted} frames: {exc}") from exc
+        if prev is None:
+            raise StageError("corrupt_video", f"{path}: video stream holds no decodable frames")
+        last_duration = float(prev[1].duration * prev[1].time_base) if prev[1].duration and prev[1].time_base else fallback_duration
+        end = prev[0] + 0.5 * last_duration
+        while next_index / fps < end - 1e-9:
+            yield emit(next_index)
+            next_index += 1
+
+
+def expected_frame_count(duration_s: float, fps: float) -> int:
+    return int(math.floor(duration_s * fps + 0.5))

@@ -1,0 +1,140 @@
+"""Typed items passed between stages."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+
+
+def make_source_id(path: str) -> str:
+    """A WebDataset-safe id from a file path: no dots (WebDataset splits keys on them)."""
+    stem = path.rstrip("/").rsplit("/", 1)[-1]
+    stem = stem.rsplit(".", 1)[0] if "." in stem else stem
+    return re.sub(r"[^A-Za-z0-9_-]+", "-", stem).strip("-") or "source"
+
+
+@dataclass
+class Source:
+    """One row of a source manifest."""
+
+    path: str
+    source_id: str
+    kind: str = "unknown"        # talk | film | singing | unknown
+    language: str = "und"
+    licence: str = ""
+    identity: Optional[str] = None  # optional speaker/identity id given by the manifest
+
+
+@dataclass
+class ProbeInfo:
+    path: str
+    duration_s: float
+    has_video: bool
+    has_audio: bool
+    width: int = 0
+    height: int = 0
+    rotation: int = 0               # degrees clockwise the frames must be turned for display
+    avg_fps: float = 0.0
+    video_start_s: float = 0.0
+    audio_start_s: float = 0.0
+    audio_sample_rate: int = 0
+    audio_channels: int = 0
+    video_codec: str = ""
+    audio_codec: str = ""
+    variable_frame_rate: bool = False
+
+
+@dataclass
+class AudioTrack:
+    """16 kHz mono float32 waveform; ``samples[0]`` plays at ``start_s`` on the source timeline."""
+
+    samples: np.ndarray
+    sample_rate: int
+    start_s: float
+
+    @property
+    def duration_s(self) -> float:
+        return len(self.samples) / self.sample_rate
+
+    def segment(self, start_s: float, num_samples: int) -> np.ndarray:
+        """Exactly ``num_samples`` from source time ``start_s``, zero-padded outside the track."""
+        offset = int(round((start_s - self.start_s) * self.sample_rate))
+        out = np.zeros(num_samples, dtype=np.float32)
+        lo, hi = max(offset, 0), min(offset + num_samples, len(self.samples))
+        if hi > lo:
+            out[lo - offset : hi - offset] = self.samples[lo:hi]
+        return out
+
+
+@dataclass
+class SpeechSegment:
+    start_s: float
+    end_s: float
+    speaker: Optional[str] = None
+
+
+@dataclass
+class Face:
+    """One face in one frame, in that frame's pixel coordinates (x0, y0, x1, y1)."""
+
+    box: np.ndarray                       # [4] float32
+    score: float = 1.0
+    landmarks: Optional[np.ndarray] = None  # [K, 2] float32
+    track_id: int = -1
+    pose: Optional[np.ndarray] = None      # [6] yaw, pitch, roll (deg), tx, ty, tz if the backend has it
+
+
+@dataclass
+class RejectedSpan:
+    source_id: str
+    path: str
+    start_s: float
+    end_s: float
+    reason: str
+    stage: str = "clip_selection"
+    detail: str = ""
+
+
+@dataclass
+class ClipCandidate:
+    """A selected span, cropped: what the single video pass hands to the per-clip stages."""
+
+    source: Source
+    clip_index: int
+    start_s: float                 # source time of frame 0
+    fps: float
+    num_frames: int
+    mp4: bytes                     # the T cropped S x S frames, H.264, at ``fps``
+    face_boxes: np.ndarray         # [T, 4] float32 in crop coordinates
+    landmarks: np.ndarray          # [T, K, 2] float32 in crop coordinates
+    crop_box: np.ndarray           # [4] float32 square in source (display) coordinates
+    source_size: tuple[int, int]   # (width, height) of the displayed source frame
+    audio: np.ndarray              # [T * sr / fps] float32 mono
+    sample_rate: int
+    identity_embedding: Optional[np.ndarray] = None  # [E] float32
+    backend_pose: Optional[np.ndarray] = None        # [T, 6] if the face backend estimates pose
+    scores: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        return f"{self.source.source_id}_{self.clip_index:05d}"
+
+
+@dataclass
+class ClipSample:
+    """Everything a shard sample holds, before serialisation."""
+
+    key: str
+    mp4: bytes
+    wav: bytes
+    face_mask: np.ndarray          # [S, S] uint8, 255 inside the union of the face boxes
+    face_boxes: np.ndarray         # [T, 4] float32
+    landmarks: np.ndarray          # [T, K, 2] float32
+    head_pose: np.ndarray          # [T, 6] float32
+    head_speed: np.ndarray         # [T] float32, degrees per frame
+    speed_buckets: np.ndarray      # [T, d] float32
+    identity_emb: np.ndarray       # [E] float32
+    meta: dict[str, Any]
+    audio_emb: Optional[np.ndarray] = None  # [T, L, D] float16
