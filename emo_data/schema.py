@@ -32,7 +32,7 @@ import os
 import tarfile
 import time
 import wave
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Optional
 
 import numpy as np
@@ -257,102 +257,132 @@ def scan_tar_index(path: str) -> list[dict[str, Any]]:
     return entries
 
 
-def write_tar(path: str, samples: list[tuple[str, dict[str, bytes], dict[str, Any]]], extra_index: Optional[dict] = None) -> dict[str, Any]:
-    """Write ``samples`` [(key, members, meta)] to ``path`` atomically, plus its index.
+class StreamingTarWriter:
+    """Writes samples one at a time to ``path + '.tmp'``; ``close()`` renames it and writes the index.
 
-    The tar is written under ``path + '.tmp'`` and renamed when complete; the index is written
-    the same way afterwards, so a shard with an index is always complete.
+    Memory holds one sample at a time, whatever the number of samples. A shard that has its
+    ``.index.json`` is complete: the tar is renamed first, the index written after it.
     """
-    tmp = path + ".tmp"
-    now = time.time()
-    digests: dict[str, dict[str, str]] = {}
-    with open(tmp, "wb") as fh:
-        with tarfile.open(fileobj=fh, mode="w", format=tarfile.USTAR_FORMAT) as tf:
-            for key, members, _meta in samples:
-                if "." in key:
-                    raise ValueError(f"sample key {key!r} contains a dot")
-                digests[key] = {}
-                for member in ALL_MEMBERS:
-                    if member not in members:
-                        continue
-                    data = members[member]
-                    tf.addfile(_tarinfo(f"{key}.{member}", len(data), now), io.BytesIO(data))
-                    digests[key][member] = hashlib.sha256(data).hexdigest()
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    entries = scan_tar_index(path)
-    by_key: dict[str, dict[str, Any]] = {}
-    for entry in entries:
-        key, member = entry["name"].split(".", 1)
-        by_key.setdefault(key, {})[member] = {
-            "offset": entry["offset"],
-            "size": entry["size"],
-            "sha256": digests[key][member],
+
+    def __init__(self, path: str, extra_index: Optional[dict] = None):
+        self.path = path
+        self.extra_index = extra_index or {}
+        self._tmp = path + ".tmp"
+        self._fh = open(self._tmp, "wb")
+        self._tf = tarfile.open(fileobj=self._fh, mode="w", format=tarfile.USTAR_FORMAT)
+        self._now = time.time()
+        self._digests: dict[str, dict[str, str]] = {}
+        self._metas: list[tuple[str, dict[str, Any]]] = []
+        self.bytes_written = 0
+
+    def __len__(self) -> int:
+        return len(self._metas)
+
+    def write(self, key: str, members: dict[str, bytes], meta: dict[str, Any]) -> None:
+        if "." in key:
+            raise ValueError(f"sample key {key!r} contains a dot")
+        if key in self._digests:
+            raise ValueError(f"duplicate sample key {key!r}")
+        self._digests[key] = {}
+        for member in ALL_MEMBERS:
+            if member not in members:
+                continue
+            data = members[member]
+            self._tf.addfile(_tarinfo(f"{key}.{member}", len(data), self._now), io.BytesIO(data))
+            self._digests[key][member] = hashlib.sha256(data).hexdigest()
+            self.bytes_written += len(data) + 512
+        self._metas.append((key, meta))
+
+    def abort(self) -> None:
+        try:
+            self._tf.close()
+            self._fh.close()
+        finally:
+            if os.path.exists(self._tmp):
+                os.remove(self._tmp)
+
+    def close(self) -> dict[str, Any]:
+        self._tf.close()
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+        self._fh.close()
+        os.replace(self._tmp, self.path)
+        by_key: dict[str, dict[str, Any]] = {}
+        for entry in scan_tar_index(self.path):
+            key, member = entry["name"].split(".", 1)
+            by_key.setdefault(key, {})[member] = {
+                "offset": entry["offset"],
+                "size": entry["size"],
+                "sha256": self._digests[key][member],
+            }
+        index = {
+            "schema_version": SCHEMA_VERSION,
+            "shard": os.path.basename(self.path),
+            "bytes": os.path.getsize(self.path),
+            "num_samples": len(self._metas),
+            "samples": [{"key": key, "members": by_key[key], "meta": meta} for key, meta in self._metas],
         }
-    index = {
-        "schema_version": SCHEMA_VERSION,
-        "shard": os.path.basename(path),
-        "bytes": os.path.getsize(path),
-        "num_samples": len(samples),
-        "samples": [
-            {"key": key, "members": by_key[key], "meta": meta} for key, _members, meta in samples
-        ],
-    }
-    if extra_index:
-        index.update(extra_index)
-    index_path = path[: -len(".tar")] + INDEX_SUFFIX if path.endswith(".tar") else path + INDEX_SUFFIX
-    with open(index_path + ".tmp", "w") as fh:
-        json.dump(index, fh, default=_json_default)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(index_path + ".tmp", index_path)
-    return index
+        index.update(self.extra_index)
+        index_path = index_path_for(self.path)
+        with open(index_path + ".tmp", "w") as fh:
+            json.dump(index, fh, default=_json_default)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(index_path + ".tmp", index_path)
+        return index
+
+
+def write_tar(path: str, samples: list[tuple[str, dict[str, bytes], dict[str, Any]]], extra_index: Optional[dict] = None) -> dict[str, Any]:
+    """Write ``samples`` [(key, members, meta)] to ``path`` atomically, plus its index."""
+    writer = StreamingTarWriter(path, extra_index)
+    try:
+        for key, members, meta in samples:
+            writer.write(key, members, meta)
+    except BaseException:
+        writer.abort()
+        raise
+    return writer.close()
 
 
 def index_path_for(shard_path: str) -> str:
     return shard_path[: -len(".tar")] + INDEX_SUFFIX if shard_path.endswith(".tar") else shard_path + INDEX_SUFFIX
 
 
-@dataclass
 class ShardWriter:
-    """Rolls samples into ``<split>-NNNNNN.tar`` shards of bounded size.
+    """Rolls samples into ``<split>-NNNNNN.tar`` shards of bounded size, streaming to disk."""
 
-    Samples are buffered (encoded bytes) until a shard is full, then written atomically.
-    """
-
-    out_dir: str
-    split: str = "train"
-    max_samples: int = 200
-    max_bytes: int = 1 << 30
-    start_index: int = 0
-    extra_index: Optional[dict] = None
-    written: list[str] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        os.makedirs(self.out_dir, exist_ok=True)
-        self._index = self.start_index
-        self._pending: list[tuple[str, dict[str, bytes], dict[str, Any]]] = []
-        self._pending_bytes = 0
+    def __init__(self, out_dir: str, split: str = "train", max_samples: int = 200, max_bytes: int = 1 << 30,
+                 start_index: int = 0, extra_index: Optional[dict] = None):
+        os.makedirs(out_dir, exist_ok=True)
+        self.out_dir, self.split = out_dir, split
+        self.max_samples, self.max_bytes = max_samples, max_bytes
+        self.extra_index = extra_index
+        self.index = start_index
+        self.written: list[str] = []
+        self._current: Optional[StreamingTarWriter] = None
 
     def write(self, key: str, members: dict[str, bytes], meta: dict[str, Any]) -> None:
         size = sum(len(v) for v in members.values())
-        if self._pending and (
-            len(self._pending) >= self.max_samples or self._pending_bytes + size > self.max_bytes
-        ):
+        cur = self._current
+        if cur is not None and len(cur) and (len(cur) >= self.max_samples or cur.bytes_written + size > self.max_bytes):
             self.flush()
-        self._pending.append((key, members, meta))
-        self._pending_bytes += size
+        if self._current is None:
+            self._current = StreamingTarWriter(os.path.join(self.out_dir, shard_name(self.split, self.index)), self.extra_index)
+        self._current.write(key, members, meta)
 
     def flush(self) -> Optional[str]:
-        if not self._pending:
+        if self._current is None:
             return None
-        path = os.path.join(self.out_dir, shard_name(self.split, self._index))
-        write_tar(path, self._pending, self.extra_index)
-        self.written.append(path)
-        self._index += 1
-        self._pending, self._pending_bytes = [], 0
-        return path
+        self._current.close()
+        self.written.append(self._current.path)
+        self._current = None
+        self.index += 1
+        return self.written[-1]
+
+    def abort(self) -> None:
+        if self._current is not None:
+            self._current.abort()
+            self._current = None
 
     def close(self) -> list[str]:
         self.flush()
@@ -567,3 +597,53 @@ def validate_shard(shard_url: str, decode_media: bool = True) -> tuple[int, list
             if key not in seen:
                 issues.append(ValidationIssue(shard_url, key, "listed in the shard index but missing from the tar"))
     return len(seen), issues
+
+
+# --------------------------------------------------------------------------- rewriting
+def rewrite_shard(shard_path: str, transform) -> int:
+    """Rewrite a local shard in place, sample by sample: ``transform(raw) -> raw`` (members as bytes).
+
+    Written to a temporary file and renamed, so an interrupted rewrite leaves the old shard whole.
+    Extra index fields (e.g. the build config) are kept. Returns the number of samples.
+    """
+    old_index = read_index(shard_path) or {}
+    extra = {k: v for k, v in old_index.items() if k not in ("schema_version", "shard", "bytes", "num_samples", "samples")}
+    tmp_path = shard_path + ".rewrite.tar"
+    writer = StreamingTarWriter(tmp_path, extra)
+    count = 0
+    try:
+        for raw in iter_raw_samples(shard_path):
+            raw = transform(raw)
+            members = {k: v for k, v in raw.items() if not k.startswith("__")}
+            meta = json.loads(members["json"].decode("utf-8"))
+            writer.write(raw["__key__"], members, meta)
+            count += 1
+    except BaseException:
+        writer.abort()
+        raise
+    writer.close()
+    os.replace(tmp_path, shard_path)
+    os.replace(index_path_for(tmp_path), index_path_for(shard_path))
+    index = read_index(shard_path)
+    index["shard"] = os.path.basename(shard_path)
+    with open(index_path_for(shard_path), "w") as fh:
+        json.dump(index, fh, default=_json_default)
+    return count
+
+
+def list_shards(specs: Iterable[str]) -> list[str]:
+    """Files, directories (their ``*.tar``) and globs -> shard paths/URLs, sorted, no duplicates."""
+    import glob as _glob
+
+    out: list[str] = []
+    for spec in specs:
+        if "://" in spec:
+            out.append(spec)
+        elif os.path.isdir(spec):
+            out.extend(sorted(_glob.glob(os.path.join(spec, "*.tar"))))
+        elif any(ch in spec for ch in "*?["):
+            out.extend(sorted(_glob.glob(spec)))
+        else:
+            out.append(spec)
+    seen: set[str] = set()
+    return [p for p in out if not (p in seen or seen.add(p))]

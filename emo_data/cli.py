@@ -1,0 +1,210 @@
+"""``emo-data``: build EMO training shards from footage, add audio features, fit speed buckets."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import Optional
+
+from .config import BuildConfig
+
+
+def _load_config(args) -> BuildConfig:
+    config = BuildConfig()
+    if getattr(args, "config", None):
+        with open(args.config) as fh:
+            config = BuildConfig.from_dict(json.load(fh))
+    if getattr(args, "audio_encoder", None):
+        config.audio_features.encoder = args.audio_encoder
+    if getattr(args, "audio_layers", None):
+        config.audio_features.layers = [int(v) for v in args.audio_layers.split(",")]
+    if getattr(args, "no_audio_features", False):
+        config.audio_features.enabled = False
+    if getattr(args, "face_backend", None):
+        config.face.backend = args.face_backend
+    if getattr(args, "face_model_root", None):
+        config.face.model_root = args.face_model_root
+    if getattr(args, "speech_backend", None):
+        config.speech.backend = args.speech_backend
+    if getattr(args, "pyannote_pipeline", None):
+        config.speech.pyannote_pipeline = args.pyannote_pipeline
+        if not getattr(args, "speech_backend", None):
+            config.speech.backend = "pyannote"
+    if getattr(args, "min_seconds", None) is not None:
+        config.clip.min_seconds = args.min_seconds
+    if getattr(args, "max_seconds", None) is not None:
+        config.clip.max_seconds = args.max_seconds
+    if getattr(args, "test_fraction", None) is not None:
+        config.identity.test_fraction = args.test_fraction
+    if getattr(args, "seed", None) is not None:
+        config.identity.seed = args.seed
+    return config
+
+
+def _add_build_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("sources", help="source manifest (.csv/.parquet with a 'path' column), a directory, or a glob")
+    p.add_argument("--out", required=True, help="output directory for shards, manifest.parquet and build.json")
+    p.add_argument("--config", help="JSON file with (part of) a BuildConfig; flags below override it")
+    p.add_argument("--audio-encoder", help="wav2vec2 checkpoint: local directory or hub id (default facebook/wav2vec2-base-960h)")
+    p.add_argument("--audio-layers", help="comma-separated hidden-state indices to keep (default: all)")
+    p.add_argument("--no-audio-features", action="store_true", help="build without wav2vec features (add later with add-features)")
+    p.add_argument("--face-backend", choices=["dlib", "insightface", "face_alignment"], help="default dlib (offline)")
+    p.add_argument("--face-model-root", help="folder holding insightface / face-alignment weights")
+    p.add_argument("--speech-backend", choices=["silero", "pyannote", "none"], help="default silero (offline)")
+    p.add_argument("--pyannote-pipeline", help="local dir or hub id of a pyannote diarization pipeline")
+    p.add_argument("--min-seconds", type=float, help="shortest clip kept (default 2)")
+    p.add_argument("--max-seconds", type=float, help="longest clip (default 10)")
+    p.add_argument("--test-fraction", type=float, help="share of footage in the identity-disjoint test split (default 0.1)")
+    p.add_argument("--seed", type=int, help="seed of the split (default 0)")
+    p.add_argument("--executor", choices=["local", "ray"], default="local", help="in-process (default) or Ray Data")
+    p.add_argument("--address", help="Ray cluster address (ray://host:10001 or auto); default: embedded local Ray")
+    p.add_argument("--workers", type=int, default=None, help="parallel workers (Ray executor)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+
+def cmd_build(args) -> int:
+    from pipelines.local import build_corpus
+
+    config = _load_config(args)
+    try:
+        if args.executor == "ray":
+            from pipelines.ray_build import build_corpus_ray
+
+            result = build_corpus_ray(args.sources, args.out, config, address=args.address, workers=args.workers, progress=not args.quiet)
+        else:
+            result = build_corpus(args.sources, args.out, config, progress=not args.quiet)
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        print(f"emo-data build: error: {exc}", file=sys.stderr)
+        return 2
+    print(result.summary.format())
+    print(f"shards    {', '.join(result.summary.shards) or 'none'} in {args.out}")
+    print(f"manifest  {os.path.join(args.out, 'manifest.parquet')}")
+    if result.skipped:
+        print(f"resumed   {result.skipped} sources were already done, {result.processed} processed now")
+    return 0
+
+
+def cmd_add_features(args) -> int:
+    import numpy as np
+
+    from .audio_features import AudioFeatureInput, AudioFeatureStage, check_audio_encoder
+    from .schema import list_shards, load_wav, npy_bytes, rewrite_shard
+
+    config = _load_config(args)
+    config.audio_features.enabled = True
+    try:
+        check_audio_encoder(config.audio_features)
+    except RuntimeError as exc:
+        print(f"emo-data add-features: error: {exc}", file=sys.stderr)
+        return 2
+    stage = AudioFeatureStage(config.audio_features)
+    stage.ensure_setup()
+    shards = list_shards(args.shards)
+    if not shards:
+        print("emo-data add-features: no shards found", file=sys.stderr)
+        return 2
+    from tqdm import tqdm
+
+    total = 0
+    for shard in tqdm(shards, unit="shard", disable=args.quiet):
+        def transform(raw):
+            meta = json.loads(raw["json"].decode("utf-8"))
+            samples, _rate = load_wav(raw["wav"])
+            emb = stage(AudioFeatureInput(samples.astype(np.float32), meta["num_frames"], meta["fps"]))
+            raw["audio_emb.npy"] = npy_bytes(emb.astype(np.float16))
+            meta["audio_emb"] = {
+                "encoder": stage.model_id,
+                "layers": config.audio_features.layers,
+                "num_layers": int(emb.shape[1]),
+                "dim": int(emb.shape[2]),
+                "rate": "resampled from 50 Hz to the video frames",
+            }
+            meta["config"]["audio_features"] = config.audio_features.to_dict()
+            raw["json"] = json.dumps(meta, sort_keys=True).encode("utf-8")
+            return raw
+
+        total += rewrite_shard(shard, transform)
+    print(f"added audio features ({stage.model_id}) to {total} samples in {len(shards)} shards")
+    return 0
+
+
+def cmd_fit_buckets(args) -> int:
+    import numpy as np
+
+    from .pose import fit_bucket_centers, speed_buckets
+    from .schema import list_shards, load_npy, npy_bytes, read_sample, read_index, rewrite_shard
+
+    shards = list_shards(args.shards)
+    speeds = []
+    for shard in shards:
+        index = read_index(shard)
+        for entry in index["samples"] if index else []:
+            raw = read_sample(shard, key=entry["key"])
+            speeds.append(load_npy(raw["head_speed.npy"]))
+    if not speeds:
+        print("emo-data fit-buckets: no samples found", file=sys.stderr)
+        return 2
+    all_speeds = np.concatenate(speeds)
+    centers, radii = fit_bucket_centers(all_speeds, args.num_buckets)
+    quantiles = np.percentile(all_speeds, [5, 25, 50, 75, 95])
+    print(f"{len(all_speeds)} frames from {len(speeds)} clips; speed (deg/frame) p5/p25/p50/p75/p95 = " + "/".join(f"{q:.3f}" for q in quantiles))
+    print("centers " + json.dumps([round(float(c), 4) for c in centers]))
+    print("radii   " + json.dumps([round(float(r), 4) for r in radii]))
+    if args.write_config:
+        config = BuildConfig()
+        config.speed.centers = [float(c) for c in centers]
+        config.speed.radii = [float(r) for r in radii]
+        with open(args.write_config, "w") as fh:
+            json.dump({"speed": config.speed.to_dict()}, fh, indent=1)
+        print(f"wrote {args.write_config} (use with emo-data build --config)")
+    if args.apply:
+        for shard in shards:
+            def transform(raw):
+                meta = json.loads(raw["json"].decode("utf-8"))
+                speed = load_npy(raw["head_speed.npy"])
+                raw["speed_buckets.npy"] = npy_bytes(speed_buckets(speed, centers, radii).astype(np.float32))
+                meta["speed_buckets"] = {"centers": [float(c) for c in centers], "radii": [float(r) for r in radii], "formula": "tanh((w - c) / r * 3)"}
+                meta["config"]["speed"]["centers"] = meta["speed_buckets"]["centers"]
+                meta["config"]["speed"]["radii"] = meta["speed_buckets"]["radii"]
+                raw["json"] = json.dumps(meta, sort_keys=True).encode("utf-8")
+                return raw
+
+            rewrite_shard(shard, transform)
+        print(f"recomputed speed_buckets.npy in {len(shards)} shards")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="emo-data", description="Build EMO training shards from talk, film and singing footage.")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("build", help="decode footage once, select single-face speaking clips, write WebDataset shards")
+    _add_build_args(p)
+    p.set_defaults(func=cmd_build)
+    p = sub.add_parser("add-features", help="add or replace wav2vec features in existing shards (no video decoding)")
+    p.add_argument("shards", nargs="+", help="shard files, directories or globs")
+    p.add_argument("--audio-encoder", help="wav2vec2 checkpoint: local directory or hub id")
+    p.add_argument("--audio-layers", help="comma-separated hidden-state indices (default: all)")
+    p.add_argument("--config", help="JSON BuildConfig")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_add_features)
+    p = sub.add_parser("fit-buckets", help="fit speed-bucket centres to a corpus's head-speed quantiles")
+    p.add_argument("shards", nargs="+")
+    p.add_argument("--num-buckets", "-d", type=int, default=9)
+    p.add_argument("--write-config", help="write a BuildConfig JSON fragment with the fitted buckets")
+    p.add_argument("--apply", action="store_true", help="recompute speed_buckets.npy in the shards from the stored raw speeds")
+    p.set_defaults(func=cmd_fit_buckets)
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

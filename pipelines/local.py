@@ -1,0 +1,178 @@
+"""In-process executor: the same stages as the Ray build, one source after another.
+
+For tests, debugging and small corpora. It only wires stages from ``emo_data``; every per-item
+failure becomes a manifest row and the build goes on.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Optional
+
+from emo_data.config import BuildConfig
+from emo_data.finalize import CorpusSummary, finalize_corpus
+from emo_data.manifest import ManifestRow, read_sources
+from emo_data.stage import StageError
+from emo_data.staging import SourceStagingWriter, is_done
+from emo_data.types import ClipCandidate, RejectedSpan, Source
+
+log = logging.getLogger("emo.build")
+
+
+class SourcePipeline:
+    """All per-source stages, each set up once; ``run(source)`` stages one source completely."""
+
+    def __init__(self, config: BuildConfig, face_backend=None):
+        from emo_data.clips import VideoPassStage
+        from emo_data.decode import AudioDecodeStage, ProbeStage
+        from emo_data.pose import HeadPoseStage
+        from emo_data.samples import SampleAssemblyStage
+        from emo_data.speech import SpeechActivityStage
+
+        self.config = config
+        self.probe = ProbeStage()
+        self.audio = AudioDecodeStage(config.decode)
+        self.speech = SpeechActivityStage(config.speech)
+        self.video = VideoPassStage(config, face_backend=face_backend)
+        self.pose = HeadPoseStage(config.speed)
+        self.assemble = SampleAssemblyStage(config)
+        self.features = None
+        if config.audio_features.enabled:
+            from emo_data.audio_features import AudioFeatureStage
+
+            self.features = AudioFeatureStage(config.audio_features)
+
+    def setup(self) -> None:
+        for stage in (self.probe, self.audio, self.speech, self.video, self.pose, self.assemble, self.features):
+            if stage is not None:
+                stage.ensure_setup()
+
+    def run(self, source: Source, out_dir: str, on_clip: Optional[Callable[[float], None]] = None) -> dict[str, Any]:
+        """Stage one source; returns its summary. Never raises for a bad source."""
+        from emo_data.audio_features import AudioFeatureInput
+        from emo_data.clips import VideoPassInput, VideoPassSummary
+        from emo_data.pose import HeadPoseInput
+        from emo_data.samples import SampleInput
+
+        self.setup()
+        base = dict(source_id=source.source_id, path=source.path, kind=source.kind, language=source.language, licence=source.licence)
+        writer = SourceStagingWriter(out_dir, source, self.config.to_dict())
+        rows: list[dict[str, Any]] = []
+        summary: dict[str, Any] = {"duration_s": 0.0}
+        stage = "probe"
+        try:
+            probe = self.probe(source)
+            summary["duration_s"] = probe.duration_s
+            stage = "audio_decode"
+            audio = self.audio(source)
+            stage = "speech"
+            speech = self.speech(audio)
+            stage = "video_pass"
+            for item in self.video(VideoPassInput(source, probe, audio, speech)):
+                if isinstance(item, ClipCandidate):
+                    stage = "head_pose"
+                    motion = self.pose(HeadPoseInput(
+                        landmarks=item.landmarks,
+                        crop_size=self.config.clip.crop_size,
+                        landmark_format=self.video.backend.landmark_format,
+                        backend_pose=item.backend_pose,
+                    ))
+                    audio_emb, audio_info = None, None
+                    if self.features is not None:
+                        stage = "audio_features"
+                        audio_emb = self.features(AudioFeatureInput(item.audio, item.num_frames, item.fps))
+                        audio_info = {
+                            "encoder": self.features.model_id,
+                            "layers": self.config.audio_features.layers,
+                            "num_layers": int(audio_emb.shape[1]),
+                            "dim": int(audio_emb.shape[2]),
+                            "rate": "resampled from 50 Hz to the video frames",
+                        }
+                    stage = "write"
+                    sample = self.assemble(SampleInput(
+                        clip=item,
+                        head_pose=motion.pose,
+                        head_speed=motion.speed,
+                        speed_buckets=motion.buckets,
+                        audio_emb=audio_emb,
+                        audio_emb_info=audio_info,
+                        face_backend=self.video.backend.name,
+                        landmark_format=self.video.backend.landmark_format,
+                        speech_backend=self.config.speech.backend,
+                    ))
+                    writer.write(sample)
+                    seconds = item.num_frames / item.fps
+                    rows.append(ManifestRow(
+                        status="clip", key=item.key, start_s=item.start_s, end_s=item.start_s + seconds,
+                        duration_s=seconds, num_frames=item.num_frames, face_size=item.scores.get("face_size_mean"),
+                        head_speed_mean=sample.meta["head_speed_mean"], identity=source.identity, **base,
+                    ).to_dict() | {"identity_embedding": None if item.identity_embedding is None else item.identity_embedding.tolist()})
+                    if on_clip:
+                        on_clip(seconds)
+                    stage = "video_pass"
+                elif isinstance(item, RejectedSpan):
+                    rows.append(ManifestRow(
+                        status="rejected", start_s=item.start_s, end_s=item.end_s, duration_s=item.end_s - item.start_s,
+                        reason=item.reason, stage=item.stage, detail=item.detail, **base,
+                    ).to_dict())
+                elif isinstance(item, VideoPassSummary):
+                    summary.update(frames=item.frames, scene_cuts=item.scene_cuts, speech_s=item.speech_s, clips=item.clips, kept_s=item.kept_s)
+            writer.seal(rows, summary, "ok")
+        except StageError as exc:
+            writer.abort()
+            rows = [ManifestRow(status="failed", reason=exc.reason, stage=stage, detail=exc.message, **base).to_dict()]
+            writer.seal(rows, summary, "failed")
+        except Exception as exc:  # noqa: BLE001 - a bug on one source must not stop the corpus
+            writer.abort()
+            detail = f"{type(exc).__name__}: {exc}\n" + "".join(traceback.format_exc(limit=4))
+            rows = [ManifestRow(status="failed", reason="exception", stage=stage, detail=detail, **base).to_dict()]
+            writer.seal(rows, summary, "failed")
+            log.warning("%s failed in %s: %s", source.path, stage, exc)
+        return summary
+
+
+@dataclass
+class BuildResult:
+    summary: CorpusSummary
+    out_dir: str
+    processed: int
+    skipped: int
+
+
+def build_corpus(
+    sources: Iterable[Source] | str,
+    out_dir: str,
+    config: Optional[BuildConfig] = None,
+    progress: bool = True,
+    face_backend=None,
+) -> BuildResult:
+    """Build a corpus in-process: stage every unfinished source, then finalise splits and shards."""
+    from tqdm import tqdm
+
+    config = config or BuildConfig()
+    sources = read_sources(sources) if isinstance(sources, str) else list(sources)
+    os.makedirs(out_dir, exist_ok=True)
+    if config.audio_features.enabled:
+        from emo_data.audio_features import check_audio_encoder
+
+        check_audio_encoder(config.audio_features)  # fail before any work, with a how-to
+    todo = [s for s in sources if not is_done(out_dir, s.source_id)]
+    start = time.time()
+    pipeline = SourcePipeline(config, face_backend=face_backend)
+    with tqdm(total=len(todo), unit="video", disable=not progress, desc="build", dynamic_ncols=True) as bar:
+        kept = [0.0, 0]
+
+        def on_clip(seconds: float) -> None:
+            kept[0] += seconds
+            kept[1] += 1
+            bar.set_postfix(clips=kept[1], kept=f"{kept[0]:.0f}s")
+
+        for source in todo:
+            bar.set_description(f"build {source.source_id[:24]}")
+            pipeline.run(source, out_dir, on_clip)
+            bar.update(1)
+    summary = finalize_corpus(out_dir, [s.source_id for s in sources], config, wall_s=time.time() - start)
+    return BuildResult(summary=summary, out_dir=out_dir, processed=len(todo), skipped=len(sources) - len(todo))
