@@ -203,7 +203,7 @@ def _json_default(obj):
 
 def decode_member(name: str, data: bytes, decode_video: bool = False):
     """Bytes of one member -> a Python value. Never unpickles."""
-    if name.endswith(UNSAFE_EXTENSIONS):
+    if ("." + name).endswith(UNSAFE_EXTENSIONS):
         raise ValueError(f"refusing to decode {name}: pickle-like member")
     if name.endswith(".npy"):
         return load_npy(data)
@@ -470,7 +470,7 @@ def validate_sample(raw: dict[str, Any], expected_digests: Optional[dict[str, di
     key = raw.get("__key__", "?")
     names = [k for k in raw if not k.startswith("__")]
     for name in names:
-        if name.endswith(UNSAFE_EXTENSIONS):
+        if ("." + name).endswith(UNSAFE_EXTENSIONS):
             problems.append(f"unsafe member {name} (pickle-like)")
         elif name not in ALL_MEMBERS:
             problems.append(f"unexpected member {name}")
@@ -571,32 +571,69 @@ def validate_sample(raw: dict[str, Any], expected_digests: Optional[dict[str, di
     return problems
 
 
+def _size_of(url: str) -> Optional[int]:
+    try:
+        if "://" in url:
+            import fsspec
+
+            fs, path = fsspec.core.url_to_fs(url)
+            return int(fs.size(path))
+        return os.path.getsize(url)
+    except Exception:  # noqa: BLE001 - size unknown is not a finding by itself
+        return None
+
+
 def validate_shard(shard_url: str, decode_media: bool = True) -> tuple[int, list[ValidationIssue]]:
-    """Check a whole shard: tar integrity, index agreement, every sample. Returns (samples, issues)."""
+    """Check a whole shard: tar integrity, index agreement, every sample. Returns (samples, issues).
+
+    Never raises for a bad shard: an unreadable index, a truncated or garbled tar, a sample
+    that crashes a check all become issues.
+    """
     issues: list[ValidationIssue] = []
-    index = read_index(shard_url)
-    expected = {e["key"]: e["members"] for e in index["samples"]} if index else None
-    if index is None:
+    try:
+        index = read_index(shard_url)
+    except (ValueError, UnicodeDecodeError) as exc:
+        index = None
+        issues.append(ValidationIssue(shard_url, "-", f"shard index does not parse: {exc}"))
+    expected: Optional[dict[str, dict]] = None
+    if index is not None:
+        try:
+            expected = {e["key"]: e["members"] for e in index["samples"]}
+        except (KeyError, TypeError) as exc:
+            issues.append(ValidationIssue(shard_url, "-", f"shard index is malformed: {type(exc).__name__}: {exc}"))
+        size = _size_of(shard_url)
+        if isinstance(index.get("bytes"), int) and size is not None and size != index["bytes"]:
+            issues.append(ValidationIssue(
+                shard_url, "-", f"tar is {size} bytes, index says {index['bytes']} (truncated or appended to)"))
+    elif not issues:
         issues.append(ValidationIssue(shard_url, "-", "no shard index (.index.json): bit flips cannot be detected"))
-    seen: list[str] = []
+    seen: set[str] = set()
+    count = 0
     try:
         for raw in iter_raw_samples(shard_url):
             key = raw["__key__"]
+            count += 1
             if key in seen:
-                issues.append(ValidationIssue(shard_url, key, "duplicate key in shard"))
-            seen.append(key)
+                issues.append(ValidationIssue(shard_url, key, "duplicate key in shard (or its members are not contiguous)"))
+            seen.add(key)
             digests = expected.get(key) if expected is not None else None
             if expected is not None and digests is None:
                 issues.append(ValidationIssue(shard_url, key, "sample not listed in the shard index"))
-            for reason in validate_sample(raw, digests, decode_media=decode_media):
+            try:
+                reasons = validate_sample(raw, digests, decode_media=decode_media)
+            except Exception as exc:  # noqa: BLE001 - a check that crashes is a finding, not a crash
+                reasons = [f"sample check crashed: {type(exc).__name__}: {exc}"]
+            for reason in reasons:
                 issues.append(ValidationIssue(shard_url, key, reason))
-    except (tarfile.TarError, EOFError, OSError) as exc:
+    except FileNotFoundError as exc:
+        issues.append(ValidationIssue(shard_url, "-", f"shard not found: {exc}"))
+    except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
         issues.append(ValidationIssue(shard_url, "-", f"tar is not intact: {type(exc).__name__}: {exc}"))
     if expected is not None:
         for key in expected:
             if key not in seen:
                 issues.append(ValidationIssue(shard_url, key, "listed in the shard index but missing from the tar"))
-    return len(seen), issues
+    return count, issues
 
 
 # --------------------------------------------------------------------------- rewriting
