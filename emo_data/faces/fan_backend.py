@@ -117,7 +117,8 @@ class FaceAlignmentBackend(FaceBackend):
         self.ensure_setup()
         if not boxes:
             return [], []
-        dets = [np.r_[np.asarray(b, np.float32), 1.0] for b in boxes]
+        # float64: face_alignment assigns numpy scalars into torch tensors (float32 fails)
+        dets = [np.r_[np.asarray(b, np.float64), 1.0] for b in boxes]
         lms = self._fa.get_landmarks_from_image(np.ascontiguousarray(frame_rgb), detected_faces=dets)
         out = [np.asarray(lm, np.float32)[:, :2] for lm in lms]
         return out, [None] * len(out)
