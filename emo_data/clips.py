@@ -209,13 +209,14 @@ class VideoPassStage(Stage[VideoPassInput, Iterator[VideoPassItem]]):
         frame: Optional[DecodedFrame] = None
         for frame in iter_frames(source.path, fps=fps, threads=cfg.decode.threads):
             summary.frames += 1
-            image = frame.image
-            probe_h, probe_w = image.shape[:2]
-            if scenes.update(image):
+            probe_w, probe_h = frame.size
+            size = cfg.scene.analysis_size
+            if scenes.update(frame.resized(size, size)):
                 summary.scene_cuts += 1
                 tracker.reset()
                 yield from close_clip("scene_cut")
             speaking = speaking_at(frame.time_s)
+            image = frame.image
             faces = tracker.update(image, frame.index, need_landmarks=speaking or clip is not None)
             reason = self._verdict(faces, speaking, probe_w, probe_h)
             if reason is None:

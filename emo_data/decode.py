@@ -18,11 +18,42 @@ from .stage import Stage, StageError
 from .types import AudioTrack, ProbeInfo, Source
 
 
-@dataclass
 class DecodedFrame:
-    index: int          # position on the output grid: time = index / fps
-    time_s: float
-    image: np.ndarray   # H x W x 3 uint8 RGB, display orientation (rotation applied)
+    """One output frame. Pixels are converted lazily: ``image`` (full size RGB) only when a stage
+    needs it, ``resized`` through FFmpeg's scaler straight from the decoded YUV planes, which is
+    far cheaper than converting the full frame and shrinking it afterwards."""
+
+    __slots__ = ("index", "time_s", "_frame", "_rotation", "_image", "_resized")
+
+    def __init__(self, index: int, time_s: float, frame, rotation: int):
+        self.index = index          # position on the output grid: time = index / fps
+        self.time_s = time_s
+        self._frame = frame
+        self._rotation = rotation
+        self._image: Optional[np.ndarray] = None
+        self._resized: dict = {}
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height) in display orientation."""
+        w, h = self._frame.width, self._frame.height
+        return (h, w) if self._rotation % 180 else (w, h)
+
+    @property
+    def image(self) -> np.ndarray:
+        """H x W x 3 uint8 RGB, display orientation (rotation applied)."""
+        if self._image is None:
+            self._image = _rotate(self._frame.to_ndarray(format="rgb24"), self._rotation)
+        return self._image
+
+    def resized(self, width: int, height: int) -> np.ndarray:
+        """RGB at (width, height) in display orientation, scaled by FFmpeg (area averaging)."""
+        key = (width, height)
+        if key not in self._resized:
+            w, h = (height, width) if self._rotation % 180 else (width, height)
+            small = self._frame.reformat(width=w, height=h, format="rgb24", interpolation="AREA").to_ndarray()
+            self._resized[key] = _rotate(small, self._rotation)
+        return self._resized[key]
 
 
 def _open(path: str):
@@ -150,15 +181,18 @@ def iter_frames(path: str, fps: float = 25.0, threads: int = 0) -> Iterator[Deco
         fallback_duration = 1.0 / float(stream.average_rate) if stream.average_rate else 1.0 / fps
 
         prev = None          # (time, av frame)
-        prev_rgb = None      # cached conversion of prev
+        prev_out: Optional[DecodedFrame] = None  # shares conversions when a frame is repeated
         next_index: Optional[int] = None
         emitted = 0
 
-        def emit(index: int):
-            nonlocal prev_rgb
-            if prev_rgb is None:
-                prev_rgb = _rotate(prev[1].to_ndarray(format="rgb24"), prev[1].rotation or 0)
-            return DecodedFrame(index=index, time_s=index / fps, image=prev_rgb)
+        def emit(index: int) -> DecodedFrame:
+            nonlocal prev_out
+            if prev_out is None or prev_out._frame is not prev[1]:
+                prev_out = DecodedFrame(index, index / fps, prev[1], prev[1].rotation or 0)
+                return prev_out
+            repeat = DecodedFrame(index, index / fps, prev[1], prev_out._rotation)
+            repeat._image, repeat._resized = prev_out._image, prev_out._resized
+            return repeat
 
         try:
             for frame in container.decode(stream):
@@ -166,7 +200,7 @@ def iter_frames(path: str, fps: float = 25.0, threads: int = 0) -> Iterator[Deco
                     continue
                 t = float(frame.time)
                 if prev is None:
-                    prev, prev_rgb = (t, frame), None
+                    prev = (t, frame)
                     next_index = int(round(t * fps))
                     continue
                 if t <= prev[0]:
@@ -176,7 +210,7 @@ def iter_frames(path: str, fps: float = 25.0, threads: int = 0) -> Iterator[Deco
                     yield emit(next_index)
                     emitted += 1
                     next_index += 1
-                prev, prev_rgb = (t, frame), None
+                prev = (t, frame)
         except av.error.FFmpegError as exc:
             raise StageError("corrupt_video", f"{path}: video decoding failed after {emitted} frames: {exc}") from exc
         if prev is None:

@@ -30,7 +30,9 @@ class SceneCutDetector:
         import cv2
 
         size = self.config.analysis_size
-        small = cv2.resize(frame_rgb, (size, size), interpolation=cv2.INTER_AREA)
+        small = frame_rgb
+        if small.shape[:2] != (size, size):
+            small = cv2.resize(frame_rgb, (size, size), interpolation=cv2.INTER_AREA)
         hsv = cv2.cvtColor(small, cv2.COLOR_RGB2HSV).astype(np.float32)
         hsv[..., 0] *= 255.0 / 180.0  # hue to the same 0..255 range as S and V
         edges = cv2.Canny(cv2.cvtColor(small, cv2.COLOR_RGB2GRAY), 100, 200).astype(np.float32)
@@ -42,6 +44,7 @@ class SceneCutDetector:
         return float(0.3 * diff[0] + 0.3 * diff[1] + 0.3 * diff[2] + 0.1 * diff[3])
 
     def update(self, frame_rgb: np.ndarray) -> bool:
+        """``frame_rgb`` at any size; pass it already at ``analysis_size`` squared to skip a resize."""
         feats = self._features(frame_rgb)
         cut = False
         if self._prev is not None:
