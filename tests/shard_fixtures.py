@@ -191,6 +191,12 @@ def make_sample(
         "identity_dim": IDENTITY_DIM,
         "speed_buckets": {"centers": list(cfg.centers), "radii": list(cfg.radii)},
         "audio_emb": {"encoder": "random-fixture", "num_layers": 3, "dim": 8} if with_audio_emb else None,
+        # as the real build writes them (emo_data/samples.py)
+        "crop_box": [0.0, 0.0, float(S), float(S)],
+        "source_size": [S, S],
+        "head_speed_unit": "degrees per frame",
+        "head_speed_mean": float(speed.mean()),
+        "config": {"clip": {"crop_scale": 1.8, "crop_size": S}},
     }
     members = {
         "mp4": encode_mp4(clip, FPS),

@@ -1,0 +1,1 @@
+"""Inspection helpers behind ``emo-shards``: shard access, statistics, rendering."""

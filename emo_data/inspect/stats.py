@@ -1,0 +1,405 @@
+"""Corpus statistics from shard indices (``emo-shards stats``) and their PNG report."""
+from __future__ import annotations
+
+import math
+from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+
+from .. import schema
+from .access import is_url, load_index, read_members, sample_duration_s
+
+FACE_SIZE_KEYS = ("face_size_px", "face_size", "mean_face_size_px")
+
+
+@dataclass
+class SampleRecord:
+    shard: str
+    key: str
+    split: str
+    kind: str
+    language: str
+    identity: str
+    duration_s: float
+    fps: float
+    face_src_px: Optional[float] = None   # face size in the source frame (crop side / crop_scale), meta
+    face_crop_px: Optional[float] = None  # mean face-box side in the crop, from face_boxes.npy
+    speed_mean: Optional[float] = None    # the clip's mean head speed (deg/frame), meta
+    speeds: Optional[np.ndarray] = None   # per-frame head speed (deg/frame), from head_speed.npy
+    centers: Optional[list[float]] = None
+
+
+@dataclass
+class CorpusStats:
+    shards: int = 0
+    records: list[SampleRecord] = field(default_factory=list)
+    shards_without_index: int = 0
+    member_reads: int = 0           # samples whose face boxes / speeds were read from the tar
+    rejections: Optional[dict[str, Any]] = None
+
+    # ------------------------------------------------------------------ summaries
+    @property
+    def seconds(self) -> float:
+        return float(sum(r.duration_s for r in self.records))
+
+    def by(self, attr: str) -> list[tuple[str, int, float]]:
+        count: Counter = Counter()
+        secs: dict[str, float] = defaultdict(float)
+        for r in self.records:
+            value = getattr(r, attr)
+            count[value] += 1
+            secs[value] += r.duration_s
+        return sorted(((k, count[k], secs[k] / 3600.0) for k in count), key=lambda t: (-t[2], t[0]))
+
+    def lengths(self) -> np.ndarray:
+        return np.array([r.duration_s for r in self.records], np.float64)
+
+    def face_sizes(self) -> tuple[np.ndarray, str]:
+        """Face sizes and what they measure: source-frame px from the metadata, else crop px."""
+        src = [r.face_src_px for r in self.records if r.face_src_px is not None]
+        if src:
+            return np.array(src, np.float64), "face size in the source frame (crop side / crop_scale)"
+        crop = [r.face_crop_px for r in self.records if r.face_crop_px is not None]
+        return np.array(crop, np.float64), "mean face-box side in the crop"
+
+    def frame_speeds(self) -> tuple[np.ndarray, str]:
+        """Per-frame head speeds when read (``--frames``), else each clip's mean speed."""
+        parts = [r.speeds for r in self.records if r.speeds is not None and r.speeds.size]
+        if parts:
+            return np.concatenate(parts).astype(np.float64), "per frame"
+        means = [r.speed_mean for r in self.records if r.speed_mean is not None]
+        return np.array(means, np.float64), "clip means"
+
+    def centers(self) -> Optional[list[float]]:
+        for r in self.records:
+            if r.centers:
+                return r.centers
+        return None
+
+    def bucket_counts(self) -> Optional[tuple[list[float], np.ndarray]]:
+        centers = self.centers()
+        speeds, _ = self.frame_speeds()
+        if not centers or not speeds.size:
+            return None
+        c = np.asarray(centers, np.float64)
+        nearest = np.abs(speeds[:, None] - c[None, :]).argmin(1)
+        return list(centers), np.bincount(nearest, minlength=len(c))
+
+    def to_dict(self) -> dict[str, Any]:
+        def dist(a: np.ndarray) -> Optional[dict[str, float]]:
+            if not a.size:
+                return None
+            q = np.percentile(a, [0, 10, 50, 90, 100])
+            return {"n": int(a.size), "min": float(q[0]), "p10": float(q[1]), "median": float(q[2]),
+                    "p90": float(q[3]), "max": float(q[4]), "mean": float(a.mean())}
+
+        buckets = self.bucket_counts()
+        faces, face_what = self.face_sizes()
+        speeds, speed_what = self.frame_speeds()
+        return {
+            "shards": self.shards,
+            "samples": len(self.records),
+            "seconds": self.seconds,
+            "hours": self.seconds / 3600.0,
+            "shards_without_index": self.shards_without_index,
+            "samples_with_member_reads": self.member_reads,
+            "by_split": [{"split": k, "samples": n, "hours": h} for k, n, h in self.by("split")],
+            "by_kind": [{"kind": k, "samples": n, "hours": h} for k, n, h in self.by("kind")],
+            "by_language": [{"language": k, "samples": n, "hours": h} for k, n, h in self.by("language")],
+            "by_identity": [{"identity": k, "samples": n, "hours": h} for k, n, h in self.by("identity")],
+            "clip_length_s": dist(self.lengths()),
+            "face_size_px": dist(faces),
+            "face_size_measure": face_what,
+            "head_speed_deg_per_frame": dist(speeds),
+            "head_speed_measure": speed_what,
+            "speed_buckets": None if buckets is None else
+            [{"center": c, "frames": int(n)} for c, n in zip(buckets[0], buckets[1])],
+            "rejections": self.rejections,
+        }
+
+
+# ---------------------------------------------------------------------------- collection
+def _split_from_name(url: str) -> str:
+    name = url.rsplit("/", 1)[-1]
+    return name.rsplit("-", 1)[0] if "-" in name else "?"
+
+
+def _meta_face_src(meta: dict[str, Any]) -> Optional[float]:
+    """Face size in source pixels: the square crop is ``crop_scale`` x the union face box."""
+    for k in FACE_SIZE_KEYS:
+        if isinstance(meta.get(k), (int, float)):
+            return float(meta[k])
+    box = meta.get("crop_box")
+    if isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box):
+        cfg = meta.get("config") if isinstance(meta.get("config"), dict) else {}
+        clip = cfg.get("clip") if isinstance(cfg.get("clip"), dict) else {}
+        scale = clip.get("crop_scale") or 1.8
+        side = max(box[2] - box[0], box[3] - box[1])
+        return float(side) / float(scale) if side > 0 else None
+    return None
+
+
+def _meta_speed_mean(meta: dict[str, Any]) -> Optional[float]:
+    v = meta.get("head_speed_mean")
+    return float(v) if isinstance(v, (int, float)) else None
+
+
+def _member_summary(url: str, entry: dict[str, Any]) -> tuple[Optional[float], Optional[np.ndarray]]:
+    """Mean face-box side (px) and per-frame speeds from the sample's two small npy members."""
+    wanted = [m for m in ("face_boxes.npy", "head_speed.npy") if m in entry["members"]]
+    if not wanted:
+        return None, None
+    raw = read_members(url, entry, wanted)
+    face, speeds = None, None
+    try:
+        if "face_boxes.npy" in raw:
+            boxes = schema.load_npy(raw["face_boxes.npy"]).astype(np.float64)
+            if boxes.ndim == 2 and boxes.shape[1] == 4 and len(boxes):
+                sides = np.sqrt(np.clip(boxes[:, 2] - boxes[:, 0], 0, None) * np.clip(boxes[:, 3] - boxes[:, 1], 0, None))
+                face = float(sides.mean())
+        if "head_speed.npy" in raw:
+            speeds = schema.load_npy(raw["head_speed.npy"]).astype(np.float32).reshape(-1)
+    except ValueError:
+        pass
+    return face, speeds
+
+
+def collect(urls: list[str], read_frames: bool = False, threads: int = 8) -> CorpusStats:
+    """Read every shard's index (tar header scan without one) into per-sample records.
+
+    Only the sidecar indices are read, unless ``read_frames``: then each sample's
+    ``face_boxes.npy`` and ``head_speed.npy`` are fetched with one byte-range read (a few KB) for
+    per-frame face-size and head-speed distributions.
+    """
+    stats = CorpusStats(shards=len(urls))
+    todo: list[tuple[SampleRecord, str, dict]] = []
+    for url in urls:
+        index = load_index(url)
+        if index.get("from_tar_scan"):
+            stats.shards_without_index += 1
+        for entry in index["samples"]:
+            meta = entry.get("meta") or {}
+            sb = meta.get("speed_buckets") if isinstance(meta.get("speed_buckets"), dict) else {}
+            rec = SampleRecord(
+                shard=url,
+                key=entry["key"],
+                split=str(meta.get("split") or _split_from_name(url)),
+                kind=str(meta.get("kind") or "unknown"),
+                language=str(meta.get("language") or "und"),
+                identity=str(meta.get("identity") or meta.get("source_id") or "?"),
+                duration_s=sample_duration_s(meta),
+                fps=float(meta.get("fps") or 0.0),
+                face_src_px=_meta_face_src(meta),
+                speed_mean=_meta_speed_mean(meta),
+                centers=list(sb.get("centers") or []) or None,
+            )
+            stats.records.append(rec)
+            if read_frames:
+                todo.append((rec, url, entry))
+    if todo:
+        remote = any(is_url(u) for _, u, _ in todo)
+        with ThreadPoolExecutor(max_workers=threads if remote else 2) as pool:
+            results = list(pool.map(lambda t: _member_summary(t[1], t[2]), todo))
+        for (rec, _, _), (face, speeds) in zip(todo, results):
+            rec.face_crop_px = face
+            rec.speeds = speeds
+            if rec.speed_mean is None and speeds is not None and speeds.size:
+                rec.speed_mean = float(speeds.mean())
+        stats.member_reads = len(todo)
+    return stats
+
+
+def load_rejections(path: str) -> dict[str, Any]:
+    """Summarise a build manifest / rejection table: counts by ``status`` and by ``reason``."""
+    import pandas as pd
+
+    if path.endswith(".csv"):
+        df = pd.read_csv(path)
+    elif path.endswith((".jsonl", ".ndjson")):
+        df = pd.read_json(path, lines=True)
+    else:
+        df = pd.read_parquet(path)
+    out: dict[str, Any] = {"path": path, "rows": int(len(df))}
+    if "status" in df.columns:
+        out["by_status"] = {str(k): int(v) for k, v in df["status"].value_counts().items()}
+        bad = df[df["status"].astype(str).isin(["rejected", "failed"])]
+    else:
+        bad = df  # a pure rejection table
+    if "reason" in bad.columns:
+        reasons = bad["reason"].fillna("(none)").astype(str)
+        out["by_reason"] = {str(k): int(v) for k, v in reasons.value_counts().items()}
+        if {"start_s", "end_s"} <= set(bad.columns):
+            secs = (pd.to_numeric(bad["end_s"], errors="coerce") - pd.to_numeric(bad["start_s"], errors="coerce")).clip(lower=0)
+            out["seconds_by_reason"] = {str(k): float(v) for k, v in secs.groupby(reasons).sum().items()}
+    return out
+
+
+# ---------------------------------------------------------------------------- text output
+def _fmt_dist(a: np.ndarray, unit: str, digits: int = 2) -> str:
+    if not a.size:
+        return "(no data)"
+    q = np.percentile(a, [0, 10, 50, 90, 100])
+    f = f"{{:.{digits}f}}"
+    return (f"min {f.format(q[0])}  p10 {f.format(q[1])}  median {f.format(q[2])}  p90 {f.format(q[3])}  "
+            f"max {f.format(q[4])}  mean {f.format(a.mean())} {unit}  (n={a.size:,})")
+
+
+def fmt_duration(seconds: float) -> str:
+    if seconds >= 3600:
+        return f"{seconds / 3600:.2f} h"
+    if seconds >= 60:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds:.1f} s"
+
+
+def _table(title: str, rows: list[tuple[str, int, float]], top: Optional[int] = None) -> list[str]:
+    lines = [f"by {title}" + (f" (top {top} of {len(rows)})" if top and len(rows) > top else "") + ":"]
+    width = max([len(r[0]) for r in rows] + [8])
+    total = sum(h for _, _, h in rows) or 1.0
+    lines.append(f"  {'':<{width}}  {'samples':>8}  {'hours':>9}  {'share':>6}")
+    for name, n, h in rows[:top] if top else rows:
+        lines.append(f"  {name:<{width}}  {n:>8,}  {h:>9.4f}  {100 * h / total:>5.1f}%")
+    return lines
+
+
+def format_text(stats: CorpusStats, top_identities: int = 10) -> str:
+    n = len(stats.records)
+    lines = [f"{stats.shards} shards, {n:,} samples, {fmt_duration(stats.seconds)}" + (f" ({stats.seconds:,.1f} s)" if stats.seconds >= 60 else "")]
+    if stats.shards_without_index:
+        lines.append(f"  ({stats.shards_without_index} shards have no .index.json: their tar headers were scanned)")
+    if stats.member_reads:
+        lines.append(f"  (per-frame face boxes / head speeds read from {stats.member_reads} samples by byte range)")
+    lines += _table("split", stats.by("split"))
+    lines += _table("kind", stats.by("kind"))
+    lines += _table("language", stats.by("language"))
+    lines += _table("identity", stats.by("identity"), top=top_identities)
+    lines.append("clip length:      " + _fmt_dist(stats.lengths(), "s"))
+    faces, face_what = stats.face_sizes()
+    speeds, speed_what = stats.frame_speeds()
+    lines.append("face size:        " + _fmt_dist(faces, f"px ({face_what})", 1))
+    crop = np.array([r.face_crop_px for r in stats.records if r.face_crop_px is not None])
+    if crop.size and "source" in face_what:
+        lines.append("face box in crop: " + _fmt_dist(crop, "px (mean face-box side)", 1))
+    lines.append("head speed:       " + _fmt_dist(speeds, f"deg/frame ({speed_what})", 3))
+    buckets = stats.bucket_counts()
+    if buckets:
+        centers, counts = buckets
+        total = max(int(counts.sum()), 1)
+        unit = "frames" if speed_what == "per frame" else "clips (by mean speed)"
+        lines.append(f"speed buckets ({unit} nearest each centre c_i, deg/frame):")
+        for c, k in zip(centers, counts):
+            bar = "#" * int(round(40 * k / total))
+            lines.append(f"  c={c:<5.2f} {int(k):>9,}  {100 * k / total:5.1f}%  {bar}")
+    rej = stats.rejections
+    if rej:
+        lines.append(f"build manifest {rej['path']}: {rej['rows']:,} rows")
+        if rej.get("by_status"):
+            lines.append("  status: " + ", ".join(f"{k} {v:,}" for k, v in rej["by_status"].items()))
+        if rej.get("by_reason"):
+            lines.append("  rejection / failure reasons:")
+            secs = rej.get("seconds_by_reason") or {}
+            for k, v in rej["by_reason"].items():
+                extra = f"  {secs[k]:9.1f} s" if k in secs else ""
+                lines.append(f"    {k:<28} {v:>7,}{extra}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- PNG report
+def plot_report(stats: CorpusStats, out_png: str, title: Optional[str] = None) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 3, figsize=(16, 9), dpi=90)
+    n = len(stats.records)
+    fig.suptitle(title or f"EMO corpus: {stats.shards} shards, {n:,} clips, {fmt_duration(stats.seconds)}",
+                 fontsize=15, fontweight="bold")
+
+    def hist(ax, data, label, unit, color, bins=30, logy=False):
+        if data.size:
+            ax.hist(data, bins=min(bins, max(5, int(math.sqrt(data.size)) * 2)), color=color, edgecolor="white")
+            ax.axvline(np.median(data), color="k", ls="--", lw=1, label=f"median {np.median(data):.2f} {unit}")
+            ax.legend(loc="upper right", fontsize=9)
+            if logy:
+                ax.set_yscale("log")
+        else:
+            ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
+        ax.set_xlabel(f"{label} ({unit})")
+
+    ax = axes[0, 0]
+    hist(ax, stats.lengths(), "clip length", "s", "#4c72b0")
+    ax.set_title("Clip length")
+    ax.set_ylabel("clips")
+
+    ax = axes[0, 1]
+    faces, face_what = stats.face_sizes()
+    hist(ax, faces, face_what, "px", "#55a868")
+    ax.set_title("Face size")
+    ax.set_ylabel("clips")
+
+    ax = axes[0, 2]
+    speeds, speed_what = stats.frame_speeds()
+    per_frame = speed_what == "per frame"
+    hist(ax, speeds, "head rotation speed", "deg/frame", "#c44e52", bins=40, logy=per_frame)
+    centers = stats.centers() or []
+    for i, c in enumerate(centers):
+        ax.axvline(c, color="#888", lw=0.8, ls=":", label="bucket centres" if i == 0 else None)
+    if centers and speeds.size:
+        ax.legend(loc="upper right", fontsize=9)
+    ax.set_title(f"Head speed ({speed_what})")
+    ax.set_ylabel("frames (log scale)" if per_frame else "clips")
+
+    ax = axes[1, 0]
+    buckets = stats.bucket_counts()
+    if buckets:
+        c, k = buckets
+        ax.bar(range(len(c)), 100.0 * k / max(k.sum(), 1), color="#8172b2")
+        ax.set_xticks(range(len(c)), [f"{x:g}" for x in c])
+    else:
+        ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
+    unit = "frames" if per_frame else "clips"
+    ax.set_title(f"Speed buckets ({unit} nearest each centre)")
+    ax.set_xlabel("bucket centre c_i (deg/frame)")
+    ax.set_ylabel(f"% of {unit}")
+
+    ax = axes[1, 1]
+    rows = []
+    for attr, label in (("split", "split"), ("kind", "kind"), ("language", "lang")):
+        rows += [(f"{label}: {k}", h) for k, _, h in stats.by(attr)]
+    if rows:
+        y = np.arange(len(rows))
+        ax.barh(y, [h * 60 for _, h in rows], color="#dd8452")
+        ax.set_yticks(y, [r[0] for r in rows])
+        ax.invert_yaxis()
+    ax.set_title("Footage by split, kind and language")
+    ax.set_xlabel("minutes")
+
+    ax = axes[1, 2]
+    rej = stats.rejections
+    if rej and rej.get("by_reason"):
+        items = list(rej["by_reason"].items())[:12]
+        y = np.arange(len(items))
+        ax.barh(y, [v for _, v in items], color="#937860")
+        ax.set_yticks(y, [k for k, _ in items])
+        ax.invert_yaxis()
+        status = ", ".join(f"{k} {v}" for k, v in (rej.get("by_status") or {}).items())
+        ax.set_title("Rejections" + (f" ({status})" if status else ""), fontsize=11)
+        ax.set_xlabel("spans / sources")
+    else:
+        ids = stats.by("identity")[:12]
+        y = np.arange(len(ids))
+        ax.barh(y, [n for _, n, _ in ids], color="#937860")
+        ax.set_yticks(y, [k for k, _, _ in ids])
+        ax.invert_yaxis()
+        ax.set_title(f"Clips per identity (top {len(ids)} of {len(stats.by('identity'))})")
+        ax.set_xlabel("clips")
+    for a in axes.ravel():
+        a.grid(alpha=0.25)
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    fig.savefig(out_png)
+    plt.close(fig)
+    return out_png
