@@ -269,6 +269,15 @@ class SpeechActivityStage(Stage[AudioTrack, list[SpeechSegment]]):
                 "config.yaml, or a hub id such as 'pyannote/speaker-diarization-community-1' "
                 "(hub ids need network access and usually a token). See docs/diarization.md."
             )
+        expanded = os.path.expanduser(str(where))
+        if (os.path.isabs(expanded) or str(where).startswith((".", "~"))) and not os.path.exists(expanded):
+            raise SpeechBackendUnavailable(
+                f"pyannote pipeline path {expanded!r} does not exist. Point SpeechConfig.pyannote_pipeline "
+                "at a local directory holding a pipeline config.yaml (or at that file); see "
+                "docs/diarization.md."
+            )
+        if os.path.exists(expanded):
+            where = expanded
         # pyannote.audio >= 4 sends usage telemetry by default; a corpus build must stay offline.
         os.environ.setdefault("PYANNOTE_METRICS_ENABLED", "false")
         try:
@@ -338,7 +347,12 @@ class SpeechActivityStage(Stage[AudioTrack, list[SpeechSegment]]):
             return [Span(float(s["start"]), float(s["end"])) for s in stamps], []
         # pyannote
         diarization = self._model({"waveform": wav[None, :], "sample_rate": SAMPLE_RATE})
-        turns = annotation_to_turns(diarization)
+        # pyannote pads the last chunk: turns may run past the end of the track
+        turns = [
+            Span(max(0.0, t.start), min(duration, t.end), t.speaker)
+            for t in annotation_to_turns(diarization)
+            if min(duration, t.end) > max(0.0, t.start)
+        ]
         return single_speaker_spans(turns), turns
 
     # ---------------------------------------------------------------- process

@@ -19,14 +19,17 @@ from typing import Optional
 
 import numpy as np
 
-SAMPLES_DIR = Path(os.environ.get("EMO_SAMPLES_DIR", "/work/shared/samples"))
+# Same default as tests/conftest.py: shared/samples beside the checkout, or $EMO_SAMPLES_DIR.
+SAMPLES_DIR = Path(
+    os.environ.get("EMO_SAMPLES_DIR", Path(__file__).resolve().parents[1].parent / "shared" / "samples")
+)
 
 
 def sample_path(rel: str) -> Path:
     """Path of a shared sample file; the test is skipped with a clear reason if it is absent."""
     import pytest
 
-    path = SAMPLES_DIR / rel
+    path = Path(os.environ.get("EMO_SAMPLES_DIR", SAMPLES_DIR)) / rel
     if not path.is_file():
         pytest.skip(f"sample file {path} not present (set EMO_SAMPLES_DIR to the shared samples)")
     return path
@@ -204,3 +207,14 @@ def make_tiny_pyannote_pipeline(
     }
     (root / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     return str(root)
+
+
+def set_hf_offline(monkeypatch) -> None:
+    """HF_HUB_OFFLINE=1 for this test, also where huggingface_hub already read it at import."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    try:
+        import huggingface_hub.constants as hf_constants
+
+        monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True, raising=False)
+    except Exception:  # pragma: no cover - huggingface_hub missing
+        pass
