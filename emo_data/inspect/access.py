@@ -46,15 +46,15 @@ def resolve_shards(args: Iterable[str]) -> list[str]:
             bare = fs._strip_protocol(arg)
             if any(c in bare for c in GLOB_CHARS):
                 found = [_with_protocol(fs, p, arg) for p in sorted(fs.glob(bare)) if p.endswith(".tar")]
-            elif fs.isdir(bare):
-                found = [_with_protocol(fs, p, arg) for p in sorted(fs.find(bare)) if p.endswith(".tar")]
+            elif fs.isdir(bare):  # the shards directly inside (not staging/ or other sub-folders)
+                found = [_with_protocol(fs, p, arg) for p in sorted(fs.ls(bare, detail=False)) if p.endswith(".tar")]
             else:
                 found = [arg]
         else:
             if any(c in arg for c in GLOB_CHARS):
                 found = sorted(p for p in glob.glob(arg, recursive=True) if p.endswith(".tar"))
-            elif os.path.isdir(arg):
-                found = sorted(glob.glob(os.path.join(arg, "**", "*.tar"), recursive=True))
+            elif os.path.isdir(arg):  # the shards directly inside (not staging/ or other sub-folders)
+                found = sorted(glob.glob(os.path.join(arg, "*.tar")))
             else:
                 found = [arg]
         if not found:

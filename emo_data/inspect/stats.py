@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -123,8 +124,9 @@ class CorpusStats:
 
 # ---------------------------------------------------------------------------- collection
 def _split_from_name(url: str) -> str:
-    name = url.rsplit("/", 1)[-1]
-    return name.rsplit("-", 1)[0] if "-" in name else "?"
+    """``train-000003.tar`` -> ``train``; anything else -> ``?``."""
+    match = re.match(r"^(.+)-\d{6}\.tar$", url.rsplit("/", 1)[-1])
+    return match.group(1) if match else "?"
 
 
 def _meta_face_src(meta: dict[str, Any]) -> Optional[float]:
