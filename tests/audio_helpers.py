@@ -137,13 +137,16 @@ def make_tiny_pyannote_pipeline(
     chunk_s: float = 5.0,
     segmentation_step: float = 0.5,
     lda_dim: int = 128,
+    single_speaker: bool = False,
 ) -> str:
     """A pyannote.audio ``SpeakerDiarization`` pipeline with random weights, saved in ``path``.
 
     Real classes throughout: ``PyanNet`` segmentation (powerset, 3 speakers / 2 simultaneous,
     like pyannote/segmentation-3.0), ``WeSpeakerResNet34`` embedding, a random PLDA for VBx
     clustering. ``segmentation_step`` (fraction of ``chunk_s``) is coarser than pyannote's 0.1
-    to keep CPU tests fast. Returns ``str(path)``.
+    to keep CPU tests fast. With ``single_speaker`` the segmentation head is biased so that every
+    frame is "speaker#1 alone" (powerset class 1): the pipeline then outputs one speaker talking
+    throughout, a deterministic case for the single-speaker filtering. Returns ``str(path)``.
     """
     import numpy as np
     import torch
@@ -169,6 +172,11 @@ def make_tiny_pyannote_pipeline(
         permutation_invariant=True,
     )
     seg.setup()  # builds the task-dependent classifier head
+    if single_speaker:
+        with torch.no_grad():  # powerset classes: {}, {1}, {2}, {3}, {1,2}, {1,3}, {2,3}
+            seg.classifier.weight.zero_()
+            seg.classifier.bias.fill_(-10.0)
+            seg.classifier.bias[1] = 10.0
     _save_pyannote_model(seg, root / "segmentation")
 
     emb = WeSpeakerResNet34(sample_rate=16000, num_channels=1)

@@ -280,3 +280,17 @@ def test_pyannote_real_pipeline_random_weights(tiny_pyannote_dir, monkeypatch):
         assert s.speaker is not None
         a, b = s.start_s - 30.0, s.end_s - 30.0
         assert not any(t.speaker != s.speaker and t.start < b - 1e-9 and t.end > a + 1e-9 for t in turns)
+
+
+@pytest.mark.pyannote
+def test_pyannote_real_pipeline_one_speaker_throughout(tmp_path, monkeypatch):
+    """Segmentation head biased to 'speaker#1 alone': the whole track comes out as one speaker."""
+    _require_pyannote()
+    set_hf_offline(monkeypatch)
+    path = make_tiny_pyannote_pipeline(tmp_path / "one_speaker", single_speaker=True)
+    stage = SpeechActivityStage(SpeechConfig(backend="pyannote", pyannote_pipeline=path))
+    x = decode_audio_16k(sample_path("audio/sadtalker__RD_Radio31_000.wav"))
+    segs = stage(AudioTrack(x, 16000, 5.0))
+    assert len({s.speaker for s in segs}) == 1 and segs[0].speaker.startswith("SPEAKER_")
+    assert segs[0].start_s >= 5.0 and segs[-1].end_s <= 5.0 + len(x) / 16000 + 1e-6
+    assert sum(s.end_s - s.start_s for s in segs) > 0.9 * len(x) / 16000, segs
