@@ -101,7 +101,7 @@ def cmd_stats(args) -> int:
     elapsed = time.perf_counter() - t0
     n = len(stats.records)
     if args.plot:
-        st.plot_report(stats, args.plot)
+        st.plot_report(stats, args.plot, dpi=args.dpi)
     if args.json:
         out = stats.to_dict()
         out["elapsed_s"] = elapsed
@@ -216,7 +216,7 @@ def cmd_render(args) -> int:
     url, entry, raw = _load_one(args)
     d = render.decode_for_render(raw)
     if args.out:
-        render.contact_sheet(d, args.out, n_frames=args.frames, shard=url)
+        render.contact_sheet(d, args.out, n_frames=args.frames, shard=url, dpi=args.dpi)
         print(f"contact sheet: {args.out}")
     if args.video:
         render.overlay_video(d, args.video)
@@ -315,6 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frames", action="store_true",
                    help="also read each sample's face_boxes.npy + head_speed.npy (byte ranges) for per-frame distributions")
     p.add_argument("--top", type=int, default=10, help="identities listed (default 10)")
+    p.add_argument("--dpi", type=int, default=90, help="report resolution (default 90: 1440 px wide)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_stats)
 
@@ -331,6 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--out", help="contact sheet PNG")
             p.add_argument("--video", help="MP4 of the clip with overlays and its audio (H.264 + AAC)")
             p.add_argument("--frames", type=int, default=8, help="frames in the strip (default 8)")
+            p.add_argument("--dpi", type=int, default=80, help="contact sheet resolution (default 80: 1280 px wide)")
             p.set_defaults(func=cmd_render)
 
     p = sub.add_parser("validate", help="check every sample; non-zero exit on any failure")

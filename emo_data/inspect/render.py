@@ -92,7 +92,8 @@ def contact_sheet(d: dict[str, Any], out_png: str, n_frames: int = 8, shard: str
 
     has_emb = d.get("audio_emb") is not None
     fig = plt.figure(figsize=(16, 12), dpi=dpi)
-    gs = GridSpec(6, max(len(picks), 1), figure=fig, height_ratios=[1.75, 1.15, 1.15, 0.9, 1.25, 0.12], hspace=0.5, wspace=0.04)
+    gs = GridSpec(6, max(len(picks), 1), figure=fig, height_ratios=[1.75, 1.15, 1.15, 0.9, 1.25, 0.12], hspace=0.5, wspace=0.04,
+                  top=0.9, bottom=0.04, left=0.07, right=0.93)
     title = f"{d['key']}  ({T} frames, {fps:g} fps, {dur:.2f} s"
     for k in ("kind", "language", "identity", "split"):
         if meta.get(k) is not None:
@@ -123,10 +124,13 @@ def contact_sheet(d: dict[str, Any], out_png: str, n_frames: int = 8, shard: str
     if speed is not None:
         ax.plot(times[: len(speed)], speed, color="#c44e52", lw=1.8, label="head speed w_f")
         top = max(float(np.max(speed)) * 1.15, 0.05)
+        last_label = -np.inf
         for c in centers:
             if c <= top:
                 ax.axhline(c, color="#777", lw=0.7, ls=":")
-                ax.text(dur, c, f" c={c:g}", va="center", ha="left", fontsize=8, color="#555")
+                if c - last_label >= 0.07 * top:  # no overlapping labels
+                    ax.text(dur, c, f" c={c:g}", va="center", ha="left", fontsize=8, color="#555")
+                    last_label = c
         ax.set_ylim(0, top)
         ax.legend(loc="upper left", fontsize=9)
     ax.set_ylabel("deg / frame")

@@ -310,13 +310,13 @@ def format_text(stats: CorpusStats, top_identities: int = 10) -> str:
 
 
 # ---------------------------------------------------------------------------- PNG report
-def plot_report(stats: CorpusStats, out_png: str, title: Optional[str] = None) -> str:
+def plot_report(stats: CorpusStats, out_png: str, title: Optional[str] = None, dpi: int = 90) -> str:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 3, figsize=(16, 9), dpi=90)
+    fig, axes = plt.subplots(2, 3, figsize=(16, 9), dpi=dpi)
     n = len(stats.records)
     fig.suptitle(title or f"EMO corpus: {stats.shards} shards, {n:,} clips, {fmt_duration(stats.seconds)}",
                  fontsize=15, fontweight="bold")
@@ -402,6 +402,6 @@ def plot_report(stats: CorpusStats, out_png: str, title: Optional[str] = None) -
     for a in axes.ravel():
         a.grid(alpha=0.25)
     fig.tight_layout(rect=(0, 0, 1, 0.95))
-    fig.savefig(out_png)
+    fig.savefig(out_png, dpi=dpi)
     plt.close(fig)
     return out_png
