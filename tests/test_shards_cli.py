@@ -275,3 +275,67 @@ def test_console_script(corpus):
     assert json.loads(proc.stdout)["total"]["samples"] == 5
     proc = subprocess.run(cmd + ["validate", os.path.join(corpus, "nothing-*.tar")], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "no shards match" in proc.stderr
+
+
+# ------------------------------------------------------------------- byte-range reads only
+class _CountingFS:
+    """A remote-style fsspec filesystem over local files that records every byte range fetched."""
+
+    @staticmethod
+    def register():
+        import fsspec
+        from fsspec.spec import AbstractBufferedFile, AbstractFileSystem
+
+        class CountingFile(AbstractBufferedFile):
+            def _fetch_range(self, start, end):
+                self.fs.fetched.append((self.path, start, end))
+                with open(self.path, "rb") as fh:
+                    fh.seek(start)
+                    return fh.read(end - start)
+
+        class CountingFS(AbstractFileSystem):
+            protocol = "countfs"
+            fetched: list = []
+
+            def info(self, path, **kwargs):
+                path = self._strip_protocol(path)
+                if not os.path.exists(path):
+                    raise FileNotFoundError(path)
+                return {"name": path, "size": os.path.getsize(path), "type": "directory" if os.path.isdir(path) else "file"}
+
+            def ls(self, path, detail=True, **kwargs):
+                path = self._strip_protocol(path)
+                out = [self.info(os.path.join(path, n)) for n in sorted(os.listdir(path))]
+                return out if detail else [o["name"] for o in out]
+
+            def _open(self, path, mode="rb", block_size=None, autocommit=True, cache_options=None, **kwargs):
+                return CountingFile(self, path, mode, block_size or 1 << 16, cache_options=cache_options, **kwargs)
+
+        fsspec.register_implementation("countfs", CountingFS, clobber=True)
+        return CountingFS
+
+
+def test_remote_reads_touch_only_the_needed_bytes(corpus, capsys):
+    fs_cls = _CountingFS.register()
+    shard = os.path.join(corpus, "train-000000.tar")
+    size = os.path.getsize(shard)
+
+    def tar_bytes():
+        return sum(e - s for p, s, e in fs_cls.fetched if p.endswith(".tar"))
+
+    fs_cls.fetched.clear()
+    rc, out, _ = run(["ls", "--json", "countfs://" + corpus], capsys)
+    assert rc == 0 and json.loads(out)["total"]["samples"] == 5
+    assert tar_bytes() == 0  # sidecars only
+    rc, _, _ = run(["stats", "countfs://" + corpus], capsys)
+    assert rc == 0 and tar_bytes() == 0
+    entry = fx.load_index(shard)["samples"][1]
+    span = max(l["offset"] + l["size"] for l in entry["members"].values()) - min(l["offset"] for l in entry["members"].values())
+    fs_cls.fetched.clear()
+    rc, out, _ = run(["show", "countfs://" + shard, entry["key"]], capsys)
+    assert rc == 0 and "40x68x2" in out
+    assert span <= tar_bytes() <= span + (1 << 16) < size * 0.6
+    fs_cls.fetched.clear()
+    rc, out, _ = run(["stats", "--frames", "--json", "countfs://" + shard], capsys)
+    assert rc == 0 and json.loads(out)["head_speed_deg_per_frame"]["n"] == 3 * 40
+    assert tar_bytes() < 3 * (1 << 16) + 3 * 40_000 < size / 4  # a few small npy members, not the videos
