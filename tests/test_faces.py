@@ -1,6 +1,7 @@
 """Face backends and tracker, on real sample footage (dlib) and stubs / random weights."""
 from __future__ import annotations
 
+import os
 import socket
 import time
 from pathlib import Path
@@ -179,7 +180,9 @@ def test_tracker_reset_and_no_face(dlib_backend):
     before = tracker.detections_run
     for i, img in enumerate(frames(COCKATOO, [0, 1, 2]), start=2):
         assert tracker.update(img, i, True) == []
-    assert tracker.detections_run == before + 3  # no tracks -> detect every frame
+    # detect after the reset (frame 2) and at frame 5's turn only: no face found is no reason to
+    # run the detector on every frame of face-less footage
+    assert tracker.detections_run == before + 1
     tracker.reset()
     assert tracker.update(k[0], 5, False)[0].track_id != first  # ids never reused
 
@@ -335,6 +338,11 @@ def test_insightface_adapter_logic():
 
 # ---------------------------------------------------------------------------------- face_alignment
 @needs_samples
+@pytest.mark.skipif(
+    os.environ.get("EMO_SLOW_TESTS") != "1",
+    reason="slow (numba JIT of face_alignment + a FAN-4 forward: ~10 s idle, 40+ s on a busy "
+    "2-core box); set EMO_SLOW_TESTS=1 to run",
+)
 def test_face_alignment_plumbing_with_random_weights(tmp_path, no_network):
     """Real S3FD / FAN-4 architectures with random weights saved as the expected files: checks
     that weights load from model_root and that shapes/coordinates flow through the adapter."""
@@ -343,14 +351,22 @@ def test_face_alignment_plumbing_with_random_weights(tmp_path, no_network):
     from face_alignment.models import FAN
 
     torch.manual_seed(0)
-    torch.save(s3fd().state_dict(), tmp_path / "s3fd-619a316812.pth")
+    det = s3fd().state_dict()
+    # Random scores would make S3FD decode thousands of candidates in Python (slow): silence
+    # every classifier level except fc7 (stride 32), which then calls every anchor a face.
+    for k in [k for k in det if "mbox_conf" in k]:
+        det[k].zero_()
+        if k.endswith("bias"):
+            det[k][-1] = 5.0 if k.startswith("fc7") else -20.0
+    torch.save(det, tmp_path / "s3fd-619a316812.pth")
     torch.save(FAN(4).state_dict(), tmp_path / "2DFAN4-11f355bf06.pth.tar")
     b = make_face_backend(FaceConfig(backend="face_alignment", model_root=str(tmp_path),
-                                     detect_max_side=160))
+                                     detect_max_side=96))
     b.setup()
     img = frames(KATIE, [0])[0]
-    faces = b.detect(img)  # random detector: any count, but full-frame float32 boxes
-    assert all(f.box.shape == (4,) and f.box.dtype == np.float32 for f in faces)
+    faces = b.detect(img)  # fc7 anchors (after NMS), detected at 96 px, in full-frame pixels
+    assert faces and all(f.box.shape == (4,) and f.box.dtype == np.float32 for f in faces)
+    assert max(float(f.box[2]) for f in faces) > 96 * 2  # scaled back from the 96-px image
     box = np.array([118, 150, 408, 438], np.float32)
     (lm,) = b.landmarks(img, [box])
     assert lm.shape == (68, 2) and lm.dtype == np.float32 and np.all(np.isfinite(lm))
