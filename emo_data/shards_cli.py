@@ -19,6 +19,7 @@ import json
 import os
 import random
 import sys
+import tarfile
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from typing import Any, Optional
@@ -360,6 +361,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     except (FileNotFoundError, KeyError, IndexError) as exc:
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"emo-shards {args.command}: {msg}", file=sys.stderr)
+        return 2
+    except (EOFError, OSError, tarfile.TarError) as exc:  # e.g. show/render on a truncated shard
+        print(f"emo-shards {args.command}: {type(exc).__name__}: {exc} (run `emo-shards validate`)", file=sys.stderr)
         return 2
     except BrokenPipeError:
         return 0

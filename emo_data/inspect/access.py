@@ -141,7 +141,8 @@ def find_entry(index: dict[str, Any], key: Optional[str] = None, position: Optio
 
 def read_members(url: str, entry: dict[str, Any], members: Optional[Iterable[str]] = None) -> dict[str, Any]:
     """Raw bytes of one sample's members (all, or ``members``) with one contiguous range read."""
-    wanted = {m: loc for m, loc in entry["members"].items() if members is None or m in set(members)}
+    names = None if members is None else set(members)
+    wanted = {m: loc for m, loc in entry["members"].items() if names is None or m in names}
     raw: dict[str, Any] = {"__key__": entry["key"], "__shard__": url}
     if not wanted:
         return raw
@@ -151,7 +152,8 @@ def read_members(url: str, entry: dict[str, Any], members: Optional[Iterable[str
         fh.seek(lo)
         blob = fh.read(hi - lo)
     if len(blob) != hi - lo:
-        raise EOFError(f"{url}: shard ends at byte {lo + len(blob)}, sample {entry['key']} needs {hi}")
+        raise EOFError(f"{url}: got {len(blob)} of the {hi - lo} bytes of sample {entry['key']} at offset {lo} "
+                       "(shard truncated?)")
     for member, loc in wanted.items():
         start = loc["offset"] - lo
         raw[member] = blob[start : start + loc["size"]]

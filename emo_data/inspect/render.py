@@ -1,9 +1,8 @@
 """Draw one sample for a person: contact sheet PNG and an overlay video with its audio."""
 from __future__ import annotations
 
-import io
 import json
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
