@@ -94,7 +94,8 @@ class _OpenClip:
         x0, y0, x1, y1 = [int(round(v)) for v in self.region]
         crop = image[y0:y1, x0:x1]
         if crop.shape[0] != self.store_side:
-            interp = cv2.INTER_AREA if crop.shape[0] > self.store_side else cv2.INTER_LINEAR
+            # INTER_AREA only pays off for strong reductions; it is several times slower
+            interp = cv2.INTER_AREA if crop.shape[0] > 2 * self.store_side else cv2.INTER_LINEAR
             crop = cv2.resize(crop, (self.store_side, self.store_side), interpolation=interp)
         self.images.append(np.ascontiguousarray(crop))
         self.boxes.append(face.box.astype(np.float32))
@@ -216,11 +217,11 @@ class VideoPassStage(Stage[VideoPassInput, Iterator[VideoPassItem]]):
                 tracker.reset()
                 yield from close_clip("scene_cut")
             speaking = speaking_at(frame.time_s)
-            image = frame.image
-            faces = tracker.update(image, frame.index, need_landmarks=speaking or clip is not None)
+            faces = tracker.update(frame, frame.index, need_landmarks=speaking or clip is not None)
             reason = self._verdict(faces, speaking, probe_w, probe_h)
             if reason is None:
                 face = max(faces, key=lambda f: (f.box[2] - f.box[0]) * (f.box[3] - f.box[1]))
+                image = frame.image
                 if face.landmarks is None:
                     face.landmarks = self.backend.landmarks(image, [face.box])[0]
                 if clip is not None and (len(clip) >= max_frames or not _inside(face.box, clip.region)):
@@ -262,7 +263,7 @@ class VideoPassStage(Stage[VideoPassInput, Iterator[VideoPassItem]]):
         frames = []
         for img in clip.images:
             sub = img[y0:y1, x0:x1]
-            interp = cv2.INTER_AREA if sub.shape[0] > S else cv2.INTER_CUBIC
+            interp = cv2.INTER_AREA if sub.shape[0] > 2 * S else cv2.INTER_LINEAR
             frames.append(cv2.resize(sub, (S, S), interpolation=interp))
         clip.images = []  # release the buffer before encoding more
         to_crop = S / float(crop_box[2] - crop_box[0])

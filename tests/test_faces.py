@@ -143,6 +143,20 @@ def test_dlib_embeddings_same_person_closer(dlib_backend):
     assert same < 0.5 < min(diffs), (same, diffs)
 
 
+def test_detection_scale_keeps_smallest_accepted_face_visible():
+    # 1920x1080, faces down to 0.12 x 1080 = 130 px must stay >= 80 px for dlib's HOG
+    b = make_face_backend(FaceConfig(detect_max_side=320, min_face_fraction=0.12))
+    s = b.detection_scale(1920, 1080)
+    assert 0.12 * 1080 * s == pytest.approx(80, rel=1e-6) and s > 320 / 1920
+    up = make_face_backend(FaceConfig(detect_max_side=320, min_face_fraction=0.12, upsample=1))
+    assert up.detection_scale(1920, 1080) == pytest.approx(s / 2)
+    assert b.detection_scale(512, 512) == 1.0  # never upscales
+    small = make_face_backend(FaceConfig(detect_max_side=320, min_face_fraction=0.0))
+    assert small.detection_scale(1920, 1080) == pytest.approx(320 / 1920)
+    ins = make_face_backend(FaceConfig(backend="insightface", detect_max_side=320))
+    assert ins.detection_scale(512, 512) == pytest.approx(320 / 512)  # SCRFD sees 20-px faces
+
+
 # ---------------------------------------------------------------------------------- tracker
 @needs_samples
 @pytest.mark.parametrize("need_landmarks", [True, False])
@@ -183,6 +197,10 @@ def test_tracker_reset_and_no_face(dlib_backend):
     # detect after the reset (frame 2) and at frame 5's turn only: no face found is no reason to
     # run the detector on every frame of face-less footage
     assert tracker.detections_run == before + 1
+    eager = FaceTracker(dlib_backend, FaceConfig(detect_every=5), detect_when_empty=True)
+    for i, img in enumerate(frames(COCKATOO, [0, 1, 2]), start=2):
+        assert eager.update(img, i, False) == []
+    assert eager.detections_run == 3  # opt-in: no track -> detect every frame
     tracker.reset()
     assert tracker.update(k[0], 5, False)[0].track_id != first  # ids never reused
 
@@ -316,7 +334,8 @@ def test_insightface_adapter_logic():
             seen["kps"] = face.kps
             return np.full(512, 3.0, np.float32)
 
-    b = InsightFaceBackend(FaceConfig(backend="insightface", detect_max_side=320))
+    b = InsightFaceBackend(FaceConfig(backend="insightface", detect_max_side=320,
+                                      min_face_fraction=0.0))
     b.models = {"detection": Det(), "landmark_2d_106": Lmk106(), "landmark_3d_68": Lmk3d(),
                 "recognition": Rec()}
     b._is_setup = True

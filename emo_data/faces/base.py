@@ -73,12 +73,18 @@ class FaceBackend:
         """Faces in ``frame_rgb`` (H, W, 3 uint8 RGB), boxes in full-frame pixels."""
         self.ensure_setup()
         small, scale = self.downscale(frame_rgb)
-        boxes, scores = self._detect_small(small)
+        return self.detect_prescaled(small, scale, frame_rgb.shape)
+
+    def detect_prescaled(self, small: np.ndarray, scale: float, full_shape: tuple[int, ...]) -> list[Face]:
+        """Like ``detect`` for a frame the caller already shrank by ``scale`` (e.g. with FFmpeg's
+        scaler while decoding, which is much cheaper than resizing the full RGB frame)."""
+        self.ensure_setup()
+        boxes, scores = self._detect_small(np.ascontiguousarray(small))
         faces = []
         for box, score in zip(boxes, scores):
             box = np.asarray(box, dtype=np.float32) / scale
             faces.append(Face(box=box.astype(np.float32), score=float(score)))
-        return self.filter_small(faces, frame_rgb.shape)
+        return self.filter_small(faces, full_shape)
 
     def landmarks(self, frame_rgb: np.ndarray, boxes: list[np.ndarray]) -> list[np.ndarray]:
         """[K, 2] float32 landmarks per box, full-frame coordinates."""
@@ -99,21 +105,39 @@ class FaceBackend:
         """Detect on the downscaled frame; boxes in downscaled pixels."""
         raise NotImplementedError
 
-    def downscale(self, frame_rgb: np.ndarray) -> tuple[np.ndarray, float]:
-        """Resize so the long side is at most ``detect_max_side``; returns (image, scale)."""
-        h, w = frame_rgb.shape[:2]
+    # Smallest face (px) the detector finds in the image it sees; subclasses override (dlib's
+    # HOG window is 80 px, SCRFD / S3FD anchors start at 16 px).
+    detector_min_face_px = 80
+
+    def detection_scale(self, width: int, height: int) -> float:
+        """Scale for detection: as small as ``detect_max_side`` allows, but never so small that a
+        face at the size limit (``min_face_fraction`` of the short side) drops below what the
+        detector can see. Never upscales."""
+        scale = 1.0
         max_side = int(self.config.detect_max_side or 0)
-        if max_side <= 0 or max(h, w) <= max_side:
+        if max_side > 0 and max(width, height) > max_side:
+            scale = max_side / float(max(width, height))
+        frac = float(self.config.min_face_fraction or 0.0)
+        if frac > 0:
+            scale = max(scale, self.detector_min_face_px / (frac * min(width, height)))
+        return min(scale, 1.0)
+
+    def downscale(self, frame_rgb: np.ndarray) -> tuple[np.ndarray, float]:
+        """Resize for detection (see ``detection_scale``); returns (image, scale)."""
+        h, w = frame_rgb.shape[:2]
+        scale = self.detection_scale(w, h)
+        if scale >= 1.0:
             return np.ascontiguousarray(frame_rgb), 1.0
-        scale = max_side / float(max(h, w))
         size = (max(1, int(round(w * scale))), max(1, int(round(h * scale))))
         small = cv2.resize(frame_rgb, size, interpolation=cv2.INTER_AREA)
         # use the exact ratio actually applied on x (rounding) for the back-projection
         return np.ascontiguousarray(small), size[0] / float(w)
 
     def filter_small(self, faces: list[Face], shape: tuple[int, ...]) -> list[Face]:
-        """Drop faces whose long box side is below ``min_face_fraction`` x the frame short side."""
-        frac = float(self.config.min_face_fraction or 0.0)
+        """Drop faces far below the size limit (under half of ``min_face_fraction`` x the short
+        side): background faces in a crowd. Faces between that and the limit are kept so that
+        clip selection can reject them as too small, with that reason."""
+        frac = 0.5 * float(self.config.min_face_fraction or 0.0)
         if frac <= 0:
             return faces
         short = float(min(shape[0], shape[1]))

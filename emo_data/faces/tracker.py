@@ -65,8 +65,12 @@ def box_from_landmarks(landmarks: np.ndarray, rel: np.ndarray) -> np.ndarray:
 
 class FaceTracker:
     def __init__(self, backend: FaceBackend, config: Optional[FaceConfig] = None,
-                 match_iou: float = 0.3):
+                 match_iou: float = 0.3, detect_when_empty: bool = False):
         self.backend = backend
+        # True: detect on every frame while no track exists (finds a new face at once, but
+        # costs a detection per frame on face-less footage). False: keep the every-k schedule,
+        # so a face that appears is found within detect_every frames.
+        self.detect_when_empty = detect_when_empty
         self.config = config or backend.config
         self.match_iou = match_iou
         self.prior = np.asarray(
@@ -82,9 +86,18 @@ class FaceTracker:
         self.tracks = []
         self._needs_detect = True
 
-    def _detect(self, frame_rgb: np.ndarray) -> None:
+    def _detect(self, frame) -> None:
         self.detections_run += 1
-        dets = self.backend.detect(frame_rgb)
+        if hasattr(frame, "resized"):  # a DecodedFrame: let FFmpeg shrink it for the detector
+            width, height = frame.size
+            scale = self.backend.detection_scale(width, height)
+            if scale < 1.0:
+                small_w, small_h = max(1, int(round(width * scale))), max(1, int(round(height * scale)))
+                dets = self.backend.detect_prescaled(frame.resized(small_w, small_h), small_w / float(width), (height, width))
+            else:
+                dets = self.backend.detect(frame.image)
+        else:
+            dets = self.backend.detect(frame)
         for t in self.tracks:
             t.fresh = False
         ious = iou_matrix([t.box for t in self.tracks], [d.box for d in dets])
@@ -118,10 +131,15 @@ class FaceTracker:
         self.tracks = kept
         self._needs_detect = False
 
-    def update(self, frame_rgb: np.ndarray, frame_index: int, need_landmarks: bool) -> list[Face]:
+    def update(self, frame, frame_index: int, need_landmarks: bool) -> list[Face]:
+        """``frame``: an RGB array, or a :class:`emo_data.decode.DecodedFrame` (converted lazily).
+
+        Detection runs every ``detect_every`` frames and right after a reset; with
+        ``detect_when_empty`` also on every frame while no track exists."""
         every = max(1, int(self.config.detect_every))
-        if self._needs_detect or not self.tracks or frame_index % every == 0:
-            self._detect(frame_rgb)
+        empty = self.detect_when_empty and not self.tracks
+        if self._needs_detect or empty or frame_index % every == 0:
+            self._detect(frame)
         else:
             for t in self.tracks:
                 t.fresh = False
@@ -129,6 +147,7 @@ class FaceTracker:
         lms: list[Optional[np.ndarray]] = [None] * len(visible)
         poses: list[Optional[np.ndarray]] = [None] * len(visible)
         if need_landmarks and visible:
+            frame_rgb = frame.image if hasattr(frame, "image") else frame
             lms, poses = self.backend.landmarks_and_pose(frame_rgb, [t.box for t in visible])
             for t, lm in zip(visible, lms):
                 if t.fresh:
