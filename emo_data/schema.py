@@ -527,11 +527,21 @@ def validate_sample(raw: dict[str, Any], expected_digests: Optional[dict[str, di
     check("face_boxes.npy", arr("face_boxes.npy"), np.float32, (T, 4))
     check("landmarks.npy", arr("landmarks.npy"), np.float32, (T, K, 2))
     check("head_pose.npy", arr("head_pose.npy"), np.float32, (T, 6))
-    check("head_speed.npy", arr("head_speed.npy"), np.float32, (T,))
+    speed = arr("head_speed.npy")
+    check("head_speed.npy", speed, np.float32, (T,))
     buckets = arr("speed_buckets.npy")
     check("speed_buckets.npy", buckets, np.float32, (T, d))
     if buckets is not None and buckets.size and (buckets.min() < -1.0001 or buckets.max() > 1.0001):
         problems.append("speed_buckets.npy: values outside [-1, 1]")
+    radii = (meta.get("speed_buckets") or {}).get("radii") or []
+    if (speed is not None and buckets is not None and d and len(radii) == d and buckets.shape == (T, d) and speed.shape == (T,)
+            and np.all(np.isfinite(speed)) and np.all(np.isfinite(buckets))):
+        c = np.asarray(meta["speed_buckets"]["centers"], np.float64)[None, :]
+        r = np.asarray(radii, np.float64)[None, :]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            err = float(np.nanmax(np.abs(np.tanh((speed.astype(np.float64)[:, None] - c) / r * 3.0) - buckets)))
+        if err > 1e-3:
+            problems.append(f"speed_buckets.npy disagrees with tanh((head_speed - c) / r * 3) by up to {err:.3g}")
     check("identity_emb.npy", arr("identity_emb.npy"), np.float32, (meta.get("identity_dim"),))
     audio_meta = meta.get("audio_emb")
     if audio_meta:

@@ -339,3 +339,13 @@ def test_remote_reads_touch_only_the_needed_bytes(corpus, capsys):
     rc, out, _ = run(["stats", "--frames", "--json", "countfs://" + shard], capsys)
     assert rc == 0 and json.loads(out)["head_speed_deg_per_frame"]["n"] == 3 * 40
     assert tar_bytes() < 3 * (1 << 16) + 3 * 40_000 < size / 4  # a few small npy members, not the videos
+
+
+def test_validate_buckets_inconsistent_with_speed(shard_copy, capsys):
+    raw = schema.read_sample(shard_copy, key="WDA_KatieHill_000_00001")
+    buckets = schema.load_npy(raw["speed_buckets.npy"])
+    fx.replace_member(shard_copy, "WDA_KatieHill_000_00001", "speed_buckets.npy", schema.npy_bytes(np.roll(buckets, 5, axis=0)))
+    rc, out, _ = run(["validate", "--no-decode", shard_copy], capsys)
+    issues = _issues(out)
+    assert rc == 1 and len(issues) == 1 and issues[0][1] == "WDA_KatieHill_000_00001"
+    assert "speed_buckets.npy disagrees with tanh((head_speed - c) / r * 3)" in issues[0][2]
