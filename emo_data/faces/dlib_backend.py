@@ -52,6 +52,17 @@ class DlibBackend(FaceBackend):
     # HOG box vs. 68-point bounding box (measured on a frontal talking head): about as wide,
     # top ~10 % above the brows' top, bottom ~7 % above the chin.
     landmark_box_prior = (-0.02, -0.10, 0.02, -0.07)
+    detector_min_face_px = 80  # HOG sliding window (upsample=1 halves it, at ~4x the cost)
+
+    def detection_scale(self, width: int, height: int) -> float:
+        # each pyramid upsampling doubles the image dlib searches, halving the visible minimum
+        up = 2 ** max(0, int(self.config.upsample))
+        saved = self.detector_min_face_px
+        self.detector_min_face_px = saved / up
+        try:
+            return super().detection_scale(width, height)
+        finally:
+            self.detector_min_face_px = saved
 
     def __init__(self, config: FaceConfig):
         super().__init__(config)

@@ -52,6 +52,7 @@ class FaceAlignmentBackend(FaceBackend):
     embedding_dim = 128
     provides_pose = False
     landmark_box_prior = (-0.05, -0.10, 0.05, 0.02)
+    detector_min_face_px = 20  # S3FD: smallest anchors are 16 px at stride 4
 
     def __init__(self, config: FaceConfig, flip_input: bool = False, det_thresh: float = 0.5):
         super().__init__(config)

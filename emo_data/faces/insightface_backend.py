@@ -68,6 +68,7 @@ class InsightFaceBackend(FaceBackend):
     provides_pose = True
     # SCRFD box vs 106-point bounding box; learned per track by the tracker anyway.
     landmark_box_prior = (-0.03, -0.15, 0.03, 0.02)
+    detector_min_face_px = 20  # SCRFD: smallest anchors are 16 px at stride 8
 
     def __init__(self, config: FaceConfig, pack: str = DEFAULT_PACK, det_thresh: float = 0.5):
         super().__init__(config)
