@@ -60,19 +60,28 @@ def _add_build_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, help="seed of the split (default 0)")
     p.add_argument("--executor", choices=["local", "ray"], default="local", help="in-process (default) or Ray Data")
     p.add_argument("--address", help="Ray cluster address (ray://host:10001 or auto); default: embedded local Ray")
-    p.add_argument("--workers", type=int, default=None, help="parallel workers (Ray executor)")
+    p.add_argument("--workers", type=int, default=None, help="parallel workers (Ray executor; default: all CPUs)")
+    p.add_argument("--max-failure-fraction", type=float, default=None,
+                   help="exit 1 with a table of failures if more than this share of sources failed (default 1.0: never)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 
 def cmd_build(args) -> int:
+    from pipelines.failures import failure_table, too_many_failures
     from pipelines.local import build_corpus
 
+    from .config import ExecutorConfig
+
     config = _load_config(args)
+    executor = ExecutorConfig()
+    if args.max_failure_fraction is not None:
+        executor.max_failure_fraction = args.max_failure_fraction
     try:
         if args.executor == "ray":
             from pipelines.ray_build import build_corpus_ray
 
-            result = build_corpus_ray(args.sources, args.out, config, address=args.address, workers=args.workers, progress=not args.quiet)
+            result = build_corpus_ray(args.sources, args.out, config, address=args.address, workers=args.workers,
+                                      progress=not args.quiet, executor=executor)
         else:
             result = build_corpus(args.sources, args.out, config, progress=not args.quiet)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
@@ -83,6 +92,10 @@ def cmd_build(args) -> int:
     print(f"manifest  {os.path.join(args.out, 'manifest.parquet')}")
     if result.skipped:
         print(f"resumed   {result.skipped} sources were already done, {result.processed} processed now")
+    if too_many_failures(result.summary.sources, result.summary.sources_failed, executor.max_failure_fraction):
+        print(f"emo-data build: error: {result.summary.sources_failed} of {result.summary.sources} sources failed "
+              f"(more than --max-failure-fraction {executor.max_failure_fraction:g}):\n{failure_table(args.out)}", file=sys.stderr)
+        return 1
     return 0
 
 

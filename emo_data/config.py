@@ -135,6 +135,22 @@ class BuildConfig(ConfigBase):
     shards: ShardConfig = field(default_factory=ShardConfig)
 
 
+@dataclass
+class ExecutorConfig(ConfigBase):
+    """How a build runs, not what it makes: kept out of ``BuildConfig`` so shards built by either
+    executor, with any number of workers, carry the same config."""
+
+    workers: Optional[int] = None         # Ray: actors (one source each at a time); None = cluster CPUs
+    num_cpus_per_worker: float = 1.0      # CPUs reserved per worker actor
+    num_gpus_per_worker: Optional[float] = None  # None = 1 if audio features on and torch.cuda.is_available() else 0
+    object_store_memory: int = 768 * 1024 ** 2   # embedded Ray only (512 MB - 1 GB is plenty: rows are tiny)
+    max_restarts: int = -1                # Ray actor restarts after a worker process dies (-1 = always)
+    max_task_retries: int = 1             # retries of a source on a restarted actor after a worker crash
+    source_retries: int = 1               # extra driver-side rounds for sources still unfinished after a round
+    max_failure_fraction: float = 1.0     # exit non-zero if more than this share of sources failed (1.0 = never)
+    crash_on_source: Optional[str] = None  # FAULT INJECTION (tests only): the worker calls os._exit(1) on this source_id
+
+
 _NESTED = {
     "DecodeConfig": DecodeConfig,
     "SpeechConfig": SpeechConfig,
