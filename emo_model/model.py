@@ -160,6 +160,7 @@ class EMOModel(ModelMixin, ConfigMixin):
         use_motion: bool = True,
         audio_tokens: Optional[torch.Tensor] = None,
         speed_embedding: Optional[torch.Tensor] = None,
+        face_embedding: Optional[torch.Tensor] = None,
         return_dict: bool = True,
     ):
         """Denoise video latents.
@@ -174,7 +175,8 @@ class EMOModel(ModelMixin, ConfigMixin):
             speed_buckets: ``[B, n+F, 2m+1, d]`` / ``[B, n+F, d]`` (or only F frames; the first is
                 repeated for the motion frames); None = no speed attention.
             face_mask: ``[B, 1, S, S]`` in [0, 1]; None = face locator off.
-            audio_tokens / speed_embedding: precomputed projections (skip ``audio_proj`` / ``speed_proj``).
+            audio_tokens / speed_embedding / face_embedding: precomputed outputs of ``audio_proj`` /
+                ``speed_proj`` / ``face_locator`` (the pipeline computes them once per clip).
         Returns ``EMOModelOutput(sample=[B, C_out, F, H, W])``.
         """
         b, c, f, h, w = sample.shape
@@ -192,7 +194,9 @@ class EMOModel(ModelMixin, ConfigMixin):
             if speed_embedding.shape[1] != n + f:
                 raise ValueError(f"speed for {speed_embedding.shape[1]} frames, expected {f} or {n + f}")
             speed_embedding = speed_embedding.to(x.dtype)
-        face = self.face_locator(face_mask) if face_mask is not None else None
+        face = face_embedding
+        if face is None and face_mask is not None:
+            face = self.face_locator(face_mask)
         cond = Conditions(
             context=self._context(b * f, x.dtype),
             num_frames=f,

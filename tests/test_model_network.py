@@ -9,7 +9,7 @@ from emo_model import EMOModel, constant_speed_buckets, speed_bucket_encoding, w
 from emo_model.conditioning import AudioProjection, FaceLocator, SpeedProjection
 from emo_model.tiny import TINY_UNET, tiny_emo_config
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # tiny ops: a second thread only adds sync cost on a busy 2-core box
 B, F_, N_MOT, H = 2, 12, 4, 8  # batch, frames, motion frames, latent side
 L, D = 3, 32  # tiny wav2vec layers / dims
 
