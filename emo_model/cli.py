@@ -75,7 +75,7 @@ def main(argv=None) -> int:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else (torch.float16 if device.startswith("cuda") else torch.float32)
-    pipe = EMOPipeline.from_pretrained(args.model, torch_dtype=dtype)
+    pipe = EMOPipeline.from_pretrained(args.model, dtype=dtype)
     if args.cpu_offload:
         pipe.enable_model_cpu_offload()
     else:

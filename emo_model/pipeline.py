@@ -195,9 +195,11 @@ class EMOPipeline(DiffusionPipeline):
 
                 mask = np.asarray(Image.fromarray(mask).resize((size, size), Image.NEAREST))
             source = "given mask"
-        elif box is not None:
+        elif box is not None and self.face_mask_for(box, size, mask_scale).any():
             mask, source = self.face_mask_for(box, size, mask_scale), how
         else:
+            if box is not None:
+                how = f"{how}, but the box lies outside the square crop"
             mask = self.face_mask_for(self.default_face_box(size), size, 1.0)
             source = f"default centred box ({how})"
             logger.warning("no face box (%s): using a centred default face region", how)
