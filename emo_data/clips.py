@@ -125,16 +125,17 @@ class VideoPassStage(Stage[VideoPassInput, Iterator[VideoPassItem]]):
 
     # ------------------------------------------------------------------ per-frame verdict
     def _verdict(self, faces: list[Face], speaking: bool, width: int, height: int) -> Optional[str]:
-        cfg = self.config.face
-        short = float(min(width, height))
-        sizes = [max(f.box[2] - f.box[0], f.box[3] - f.box[1]) / short for f in faces]
+        from .faces.base import min_face_side
+
+        limit = min_face_side(self.config.face, width, height)
+        sizes = [float(max(f.box[2] - f.box[0], f.box[3] - f.box[1])) for f in faces]
         # Faces far below the size limit (crowds in the background) do not count as a second face.
-        relevant = [s for s in sizes if s >= 0.5 * cfg.min_face_fraction]
-        if not faces or not relevant:
-            return NO_FACE if not faces else SMALL_FACE
+        relevant = [s for s in sizes if s >= 0.5 * limit]
+        if not relevant:
+            return NO_FACE
         if len(relevant) > 1:
             return MULTI_FACE
-        if max(sizes) < cfg.min_face_fraction:
+        if max(sizes) < limit:
             return SMALL_FACE
         if not speaking:
             return NO_SPEECH

@@ -75,9 +75,10 @@ class FaceConfig(ConfigBase):
     detect_every: int = 5           # run the detector every k frames, track in between
     detect_max_side: int = 320      # frames are downscaled to this long side for detection
     upsample: int = 0               # dlib HOG pyramid upsampling (finds smaller faces, slower)
-    min_face_fraction: float = 0.12 # face box side / frame short side below this is rejected
+    min_face_fraction: float = 0.15 # face box long side / frame short side below this is rejected
+    min_face_px: int = 96           # ... and so is a face box under this many source pixels
     max_track_lost: int = 2         # detections a track may miss before it is dropped
-    embed_frames: int = 3           # frames per clip averaged into the identity embedding
+    embed_frames: int = 2           # frames per clip averaged into the identity embedding (~0.1 s each)
 
 
 @dataclass

@@ -145,14 +145,17 @@ def test_dlib_embeddings_same_person_closer(dlib_backend):
 
 def test_detection_scale_keeps_smallest_accepted_face_visible():
     # 1920x1080, faces down to 0.12 x 1080 = 130 px must stay >= 80 px for dlib's HOG
-    b = make_face_backend(FaceConfig(detect_max_side=320, min_face_fraction=0.12))
+    b = make_face_backend(FaceConfig(detect_max_side=320, min_face_fraction=0.12, min_face_px=0))
     s = b.detection_scale(1920, 1080)
     assert 0.12 * 1080 * s == pytest.approx(80, rel=1e-6) and s > 320 / 1920
-    up = make_face_backend(FaceConfig(detect_max_side=320, min_face_fraction=0.12, upsample=1))
+    up = make_face_backend(FaceConfig(detect_max_side=320, min_face_fraction=0.12, min_face_px=0, upsample=1))
     assert up.detection_scale(1920, 1080) == pytest.approx(s / 2)
     assert b.detection_scale(512, 512) == 1.0  # never upscales
-    small = make_face_backend(FaceConfig(detect_max_side=320, min_face_fraction=0.0))
+    small = make_face_backend(FaceConfig(detect_max_side=320, min_face_fraction=0.0, min_face_px=0))
     assert small.detection_scale(1920, 1080) == pytest.approx(320 / 1920)
+    # the absolute limit: a 96-px face in a 640x360 frame must stay >= 80 px
+    absolute = make_face_backend(FaceConfig(detect_max_side=320, min_face_fraction=0.15, min_face_px=96))
+    assert absolute.detection_scale(640, 360) == pytest.approx(80 / 96)
     ins = make_face_backend(FaceConfig(backend="insightface", detect_max_side=320))
     assert ins.detection_scale(512, 512) == pytest.approx(320 / 512)  # SCRFD sees 20-px faces
 

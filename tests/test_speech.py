@@ -10,7 +10,7 @@ import os
 import numpy as np
 import pytest
 
-from tests.audio_helpers import decode_audio_16k, make_tiny_pyannote_pipeline, sample_path, set_hf_offline
+from audio_helpers import decode_audio_16k, make_tiny_pyannote_pipeline, sample_path, set_hf_offline
 from emo_data.config import SpeechConfig
 from emo_data.speech import (
     Span,

@@ -45,6 +45,11 @@ def iou_matrix(a: list[np.ndarray], b: list[np.ndarray]) -> np.ndarray:
     return out
 
 
+def min_face_side(config: FaceConfig, width: int, height: int) -> float:
+    """Smallest accepted face (long box side, source pixels) in a width x height frame."""
+    return max(float(config.min_face_fraction or 0.0) * min(width, height), float(getattr(config, "min_face_px", 0) or 0))
+
+
 class FaceBackend:
     """Base class: subclasses set the class attributes and implement the four methods."""
 
@@ -117,9 +122,9 @@ class FaceBackend:
         max_side = int(self.config.detect_max_side or 0)
         if max_side > 0 and max(width, height) > max_side:
             scale = max_side / float(max(width, height))
-        frac = float(self.config.min_face_fraction or 0.0)
-        if frac > 0:
-            scale = max(scale, self.detector_min_face_px / (frac * min(width, height)))
+        smallest = min_face_side(self.config, width, height)
+        if smallest > 0:
+            scale = max(scale, self.detector_min_face_px / smallest)
         return min(scale, 1.0)
 
     def downscale(self, frame_rgb: np.ndarray) -> tuple[np.ndarray, float]:
@@ -137,8 +142,7 @@ class FaceBackend:
         """Drop faces far below the size limit (under half of ``min_face_fraction`` x the short
         side): background faces in a crowd. Faces between that and the limit are kept so that
         clip selection can reject them as too small, with that reason."""
-        frac = 0.5 * float(self.config.min_face_fraction or 0.0)
-        if frac <= 0:
+        limit = 0.5 * min_face_side(self.config, shape[1], shape[0])
+        if limit <= 0:
             return faces
-        short = float(min(shape[0], shape[1]))
-        return [f for f in faces if max(f.box[2] - f.box[0], f.box[3] - f.box[1]) >= frac * short]
+        return [f for f in faces if max(f.box[2] - f.box[0], f.box[3] - f.box[1]) >= limit]
