@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import torch
@@ -36,6 +36,7 @@ class ReferenceFeatures:
     reference: dict  # transformer-block key -> [B, H*W, C] (self-attention inputs of the reference image)
     motion: Optional[dict]  # motion-module key -> [B * n, C, H, W] (None: first clip, zeros are used)
     num_motion_frames: int
+    kv_cache: dict = field(default_factory=dict)  # backbone reference / text K,V per block, filled lazily (no-grad)
 
 
 @dataclass
@@ -123,8 +124,8 @@ class EMOModel(ModelMixin, ConfigMixin):
         self.reference_net_calls = 0  # counts ReferenceNet forward passes (bench / tests)
 
     # ------------------------------------------------------------------ conditions
-    def _context(self, n: int, dtype) -> torch.Tensor:
-        return self.text_context.to(dtype).expand(n, -1, -1)
+    def _context(self, dtype) -> torch.Tensor:
+        return self.text_context.to(dtype)  # [1, S, D], broadcast over frames inside the attention
 
     def encode_reference(self, reference_latents: torch.Tensor, motion_latents: Optional[torch.Tensor] = None) -> ReferenceFeatures:
         """One ReferenceNet pass over the reference latent and (optionally) the motion-frame latents.
@@ -140,7 +141,7 @@ class EMOModel(ModelMixin, ConfigMixin):
                 raise ValueError(f"{motion_latents.shape[1]} motion frames, the model takes n = {n}")
             x = torch.cat([reference_latents, motion_latents.flatten(0, 1).to(reference_latents.dtype)], dim=0)
         ref_cap, mot_cap = {}, {}
-        cond = Conditions(context=self._context(x.shape[0], x.dtype), num_frames=1,
+        cond = Conditions(context=self._context(x.dtype), num_frames=1,
                           capture_reference=ref_cap, capture_motion=mot_cap if motion_latents is not None else None)
         self.reference_net(x, 0, cond)
         self.reference_net_calls += 1
@@ -161,6 +162,7 @@ class EMOModel(ModelMixin, ConfigMixin):
         audio_tokens: Optional[torch.Tensor] = None,
         speed_embedding: Optional[torch.Tensor] = None,
         face_embedding: Optional[torch.Tensor] = None,
+        cache: Optional[dict] = None,
         return_dict: bool = True,
     ):
         """Denoise video latents.
@@ -177,6 +179,10 @@ class EMOModel(ModelMixin, ConfigMixin):
             face_mask: ``[B, 1, S, S]`` in [0, 1]; None = face locator off.
             audio_tokens / speed_embedding / face_embedding: precomputed outputs of ``audio_proj`` /
                 ``speed_proj`` / ``face_locator`` (the pipeline computes them once per clip).
+            cache: optional dict for the audio / speed attention keys and values (inference only);
+                pass the same dict only while audio tokens and speed stay the same (one per clip
+                and guidance branch). Reference and text-context keys/values are cached
+                automatically in ``reference`` (a :class:`ReferenceFeatures` lives for one clip).
         Returns ``EMOModelOutput(sample=[B, C_out, F, H, W])``.
         """
         b, c, f, h, w = sample.shape
@@ -198,9 +204,11 @@ class EMOModel(ModelMixin, ConfigMixin):
         if face is None and face_mask is not None:
             face = self.face_locator(face_mask)
         cond = Conditions(
-            context=self._context(b * f, x.dtype),
+            context=self._context(x.dtype),
             num_frames=f,
             reference=reference.reference if (reference is not None and use_reference) else None,
+            clip_cache=reference.kv_cache if reference is not None else None,
+            cache=cache,
             motion=reference.motion if (reference is not None and use_motion) else None,
             num_motion_frames=n,
             audio=audio_tokens,

@@ -235,15 +235,16 @@ class EMOPipeline(DiffusionPipeline):
             self.scheduler.set_timesteps(num_inference_steps, device=device)
             latents = latents * self.scheduler.init_noise_sigma
             common = dict(reference=reference, speed_embedding=speed_emb, face_embedding=face_emb)
+            caches = {"full": {}, "null_audio": {}}  # audio/speed K,V per clip and branch
             for i, t in enumerate(self.scheduler.timesteps):
                 x = self.scheduler.scale_model_input(latents, t)
-                eps = emo(x, t, audio_tokens=tokens, **common).sample
+                eps = emo(x, t, audio_tokens=tokens, cache=caches["full"], **common).sample
                 if use_cfg:
-                    eps_u = emo(x, t, audio_tokens=tokens_null, use_reference=False, **common).sample
+                    eps_u = emo(x, t, audio_tokens=tokens_null, use_reference=False, cache=caches["null_audio"], **common).sample
                     if audio_guidance_scale is None:
                         eps = eps_u + guidance_scale * (eps - eps_u)
                     else:
-                        eps_r = emo(x, t, audio_tokens=tokens_null, **common).sample
+                        eps_r = emo(x, t, audio_tokens=tokens_null, cache=caches["null_audio"], **common).sample
                         eps = eps_u + guidance_scale * (eps_r - eps_u) + audio_guidance_scale * (eps - eps_r)
                 latents = self.scheduler.step(eps, t, latents, generator=generator).prev_sample
                 if bar is not None:

@@ -53,13 +53,15 @@ def sinusoidal_table(length: int, dim: int) -> torch.Tensor:
 class Conditions:
     """Everything a UNet forward needs besides the sample; passed down to every block."""
 
-    context: torch.Tensor  # [N, S, cross_dim] fixed text-slot context, N = batch * frames
+    context: torch.Tensor  # [1 or N, S, cross_dim] fixed text-slot context (broadcast over N = batch * frames)
     num_frames: int = 1
     reference: Optional[dict] = None  # key -> [B, M, C] ReferenceNet self-attention inputs
     motion: Optional[dict] = None  # key -> [B * n, C, H, W] motion-frame features
     num_motion_frames: int = 0
     audio: Optional[torch.Tensor] = None  # [N, tokens, audio_dim]
     speed: Optional[torch.Tensor] = None  # [B, n + F, speed_dim]
+    clip_cache: Optional[dict] = None  # reference / text-context keys+values, cached per clip (no-grad only)
+    cache: Optional[dict] = None  # audio / speed keys+values; valid while audio tokens and speed are fixed
     capture_reference: Optional[dict] = None  # ReferenceNet: filled with self-attention inputs
     capture_motion: Optional[dict] = None  # ReferenceNet: filled with temporal-position features
 
@@ -84,7 +86,7 @@ class Attn(nn.Module):
         q, k, v = self._split(self.to_q(x)), self._split(self.to_k(context)), self._split(self.to_v(context))
         out = F.scaled_dot_product_attention(q, k, v)
         out = out.transpose(-3, -2).flatten(-2)
-        return self.to_out[1](self.to_out[0](out))
+        return self.to_out[0](out)  # to_out[1] is Dropout(0): kept for key names, skipped
 
 
 class TemporalAttention(Attn):
@@ -95,17 +97,27 @@ class TemporalAttention(Attn):
         self.pos_encoder = nn.Module()
         self.pos_encoder.register_buffer("pe", sinusoidal_table(max_len, dim), persistent=False)
 
-    def forward(self, x: torch.Tensor, context=None) -> torch.Tensor:  # x: [(b h w), f, c]
+    def forward(self, x: torch.Tensor, keep_last: Optional[int] = None) -> torch.Tensor:
+        """``x``: ``[(b h w), L, c]``. With ``keep_last`` only the last frames are queried (keys and
+        values still cover all L frames): the same result as slicing the full output, cheaper."""
         if x.shape[1] > self.pos_encoder.pe.shape[1]:
             raise ValueError(f"{x.shape[1]} frames > temporal_max_len {self.pos_encoder.pe.shape[1]}")
         x = x + self.pos_encoder.pe[:, : x.shape[1]].to(x.dtype)
-        return super().forward(x)
+        if keep_last is None:  # one GEMM for q, k, v
+            qkv = F.linear(x, torch.cat([self.to_q.weight, self.to_k.weight, self.to_v.weight]))
+            q, k, v = (self._split(t) for t in qkv.chunk(3, dim=-1))
+        else:
+            kv = F.linear(x, torch.cat([self.to_k.weight, self.to_v.weight]))
+            k, v = (self._split(t) for t in kv.chunk(2, dim=-1))
+            q = self._split(self.to_q(x[:, -keep_last:]))
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.to_out[0](out.transpose(-3, -2).flatten(-2))
 
 
 class SpeedAttention(Attn):
     """Cross-attention along the frame axis from each (pixel, frame) query to the clip's speed embeddings.
 
-    Keys/values are computed once per (batch, frame) and broadcast over pixels (no copy).
+    Keys/values are computed once per (batch, frame) and shared by all pixels (no copies).
     Both sides get sinusoidal frame positions so a frame can find its own speed.
     """
 
@@ -115,19 +127,23 @@ class SpeedAttention(Attn):
         self.register_buffer("pe_speed", sinusoidal_table(max_len, speed_dim), persistent=False)
         zero_module(self.to_out[0])
 
-    def forward(self, x: torch.Tensor, speed: torch.Tensor) -> torch.Tensor:
-        # x: [B * HW, L, C]; speed: [B, L, Ds]. Keys depend only on (batch, frame), so every
-        # (pixel, frame) query of a batch element attends to the same L keys: one SDPA call over
-        # HW * L queries per batch element, no key copies.
+    def forward(self, x: torch.Tensor, speed: torch.Tensor, cache: Optional[dict] = None) -> torch.Tensor:
+        # x: [B * HW, Lq, C], the last Lq of the L frames; speed: [B, L, Ds]. Every (pixel, frame)
+        # query of a batch element attends to the same L keys: one SDPA call over HW * Lq queries.
         b, length = speed.shape[0], speed.shape[1]
-        bhw = x.shape[0]
-        x = x + self.pe_query[:, :length].to(x.dtype)
-        speed = speed + self.pe_speed[:, :length].to(speed.dtype)
-        q = self._split(self.to_q(x).reshape(b, (bhw // b) * length, -1))  # [B, h, HW*L, d]
-        k, v = self._split(self.to_k(speed)), self._split(self.to_v(speed))  # [B, h, L, d]
+        bhw, lq = x.shape[0], x.shape[1]
+        x = x + self.pe_query[:, length - lq : length].to(x.dtype)
+        kv = cache.get(id(self)) if cache is not None else None
+        if kv is None or kv[0].dtype != x.dtype:
+            speed = speed + self.pe_speed[:, :length].to(speed.dtype)
+            kv = (self._split(self.to_k(speed)), self._split(self.to_v(speed)))  # [B, h, L, d]
+            if cache is not None:
+                cache[id(self)] = kv
+        k, v = kv
+        q = self._split(self.to_q(x).reshape(b, (bhw // b) * lq, -1))  # [B, h, HW*Lq, d]
         out = F.scaled_dot_product_attention(q, k, v)
-        out = out.transpose(-3, -2).flatten(-2).reshape(bhw, length, -1)
-        return self.to_out[1](self.to_out[0](out))
+        out = out.transpose(-3, -2).flatten(-2).reshape(bhw, lq, -1)
+        return self.to_out[0](out)
 
 
 class TemporalTransformerBlock(nn.Module):
@@ -144,11 +160,16 @@ class TemporalTransformerBlock(nn.Module):
         self.ff = FeedForward(dim, activation_fn="geglu")
         self.ff_norm = nn.LayerNorm(dim)
 
-    def forward(self, x: torch.Tensor, speed: Optional[torch.Tensor]) -> torch.Tensor:
-        for attn, norm in zip(self.attention_blocks, self.norms):
-            x = attn(norm(x)) + x
+    def forward(self, x: torch.Tensor, speed: Optional[torch.Tensor], keep_last: Optional[int] = None,
+                cache: Optional[dict] = None) -> torch.Tensor:
+        last = len(self.attention_blocks) - 1
+        for i, (attn, norm) in enumerate(zip(self.attention_blocks, self.norms)):
+            if i == last and keep_last is not None:  # later layers only need the generated frames
+                x = attn(norm(x), keep_last) + x[:, -keep_last:]
+            else:
+                x = attn(norm(x)) + x
         if self.speed_attn is not None and speed is not None:
-            x = self.speed_attn(self.speed_norm(x), speed) + x
+            x = self.speed_attn(self.speed_norm(x), speed, cache) + x
         return self.ff(self.ff_norm(x)) + x
 
 
@@ -160,18 +181,21 @@ class TemporalTransformer(nn.Module):
         self.transformer_blocks = nn.ModuleList([TemporalTransformerBlock(channels, heads, max_len, speed_dim)])
         self.proj_out = zero_module(nn.Linear(channels, channels))
 
-    def forward(self, x: torch.Tensor, num_frames: int, speed: Optional[torch.Tensor]) -> torch.Tensor:
-        # x: [B * L, C, H, W] frame-major per batch element; GroupNorm per frame (original AnimateDiff).
+    def forward(self, x: torch.Tensor, num_frames: int, speed: Optional[torch.Tensor], keep_last: Optional[int] = None,
+                cache: Optional[dict] = None) -> torch.Tensor:
+        """``x``: ``[B * L, C, H, W]`` (frames of a batch element contiguous); GroupNorm per frame
+        as in the original AnimateDiff. Returns all L frames, or only the last ``keep_last``."""
         bl, c, h, w = x.shape
         b = bl // num_frames
-        residual = x
+        keep = num_frames if keep_last is None else keep_last
+        residual = x if keep_last is None else x.unflatten(0, (b, num_frames))[:, -keep:].flatten(0, 1)
         x = self.norm(x)
         x = x.unflatten(0, (b, num_frames)).permute(0, 3, 4, 1, 2).reshape(b * h * w, num_frames, c)
         x = self.proj_in(x)
-        for block in self.transformer_blocks:
-            x = block(x, speed)
+        for i, block in enumerate(self.transformer_blocks):
+            x = block(x, speed, keep_last if i == len(self.transformer_blocks) - 1 else None, cache)
         x = self.proj_out(x)
-        x = x.reshape(b, h, w, num_frames, c).permute(0, 3, 4, 1, 2).reshape(bl, c, h, w)
+        x = x.reshape(b, h, w, keep, c).permute(0, 3, 4, 1, 2).reshape(b * keep, c, h, w)
         return x + residual
 
 
@@ -184,8 +208,9 @@ class TemporalModule(nn.Module):
 
     def forward(self, x: torch.Tensor, cond: Conditions, key: str) -> torch.Tensor:
         f, n = cond.num_frames, cond.num_motion_frames
+        cache = cond.cache if (cond.cache is not None and not torch.is_grad_enabled()) else None
         if n == 0:
-            return self.temporal_transformer(x, f, cond.speed)
+            return self.temporal_transformer(x, f, cond.speed, cache=cache)
         bf, c, h, w = x.shape
         b = bf // f
         motion = None if cond.motion is None else cond.motion.get(key)
@@ -198,8 +223,7 @@ class TemporalModule(nn.Module):
                     raise ValueError(f"motion features for batch {motion.shape[0]}, sample batch {b}")
                 motion = motion.repeat_interleave(b // motion.shape[0], dim=0)
         joint = torch.cat([motion, x.reshape(b, f, c, h, w)], dim=1).reshape(b * (n + f), c, h, w)
-        out = self.temporal_transformer(joint, n + f, cond.speed)
-        return out.reshape(b, n + f, c, h, w)[:, n:].reshape(bf, c, h, w)
+        return self.temporal_transformer(joint, n + f, cond.speed, keep_last=f, cache=cache)
 
 
 class TransformerBlock(nn.Module):
@@ -230,16 +254,57 @@ class TransformerBlock(nn.Module):
             cond.capture_reference[self.key] = h
         ref = None if cond.reference is None else cond.reference.get(self.key)
         if ref is not None:  # reference-attention: SD self-attention over [own tokens, reference tokens]
-            ref = ref.to(h.dtype)
-            if ref.shape[0] != h.shape[0]:
-                ref = ref.repeat_interleave(h.shape[0] // ref.shape[0], dim=0)
-            x = self.attn1(h, encoder_hidden_states=torch.cat([h, ref], dim=1)) + x
+            x = self._reference_attention(h, ref.to(h.dtype), cond) + x
         else:
             x = self.attn1(h) + x
-        x = self.attn2(self.norm2(x), encoder_hidden_states=cond.context) + x
+        x = self._cross(self.attn2, self.norm2(x), cond.context, cond.clip_cache, "context") + x
         if self.audio_attn is not None and cond.audio is not None:
-            x = self.audio_attn(self.audio_norm(x), cond.audio.to(x.dtype)) + x
+            x = self._cross(self.audio_attn, self.audio_norm(x), cond.audio, cond.cache, "audio") + x
         return self.ff(self.norm3(x)) + x
+
+    def _cross(self, attn, h: torch.Tensor, context: torch.Tensor, cache: Optional[dict], name: str) -> torch.Tensor:
+        """Cross-attention whose keys/values depend only on ``context``: computed once per context
+        row (a ``[1, S, D]`` context is shared by every frame without copies) and, without autograd,
+        cached in ``cache`` for the next denoising steps. Same numbers as diffusers' ``AttnProcessor2_0``."""
+        use = cache is not None and not torch.is_grad_enabled()
+        kv = cache.get((name, self.key)) if use else None
+        if kv is None or kv[0].dtype != h.dtype:
+            c = context.to(h.dtype)
+            kv = tuple(t.unflatten(-1, (attn.heads, -1)).transpose(1, 2) for t in (attn.to_k(c), attn.to_v(c)))
+            if use:
+                cache[(name, self.key)] = kv
+        k, v = kv
+        q = attn.to_q(h).unflatten(-1, (attn.heads, -1)).transpose(1, 2)
+        if k.shape[0] != q.shape[0]:
+            k, v = k.expand(q.shape[0], -1, -1, -1), v.expand(q.shape[0], -1, -1, -1)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return attn.to_out[0](out.transpose(1, 2).flatten(2).to(q.dtype))
+
+
+    def _reference_attention(self, h: torch.Tensor, ref: torch.Tensor, cond: Conditions) -> torch.Tensor:
+        """``attn1`` with keys/values = [own tokens; reference tokens] (AnimateAnyone spatial attention).
+
+        The reference tokens' key/value projections do not change across denoising steps, so
+        without autograd they are computed once per clip and cached in ``cond.clip_cache``.
+        Numerically the same as ``attn1(h, encoder_hidden_states=cat([h, ref]))``.
+        """
+        a = self.attn1
+        n, frames_per_ref = h.shape[0], h.shape[0] // ref.shape[0]
+        cache = cond.clip_cache if (cond.clip_cache is not None and not torch.is_grad_enabled()) else None
+        kv = cache.get(("reference", self.key)) if cache is not None else None
+        if kv is None or kv[0].dtype != h.dtype:
+            kv = (a.to_k(ref), a.to_v(ref))
+            if cache is not None:
+                cache[("reference", self.key)] = kv
+        k_ref, v_ref = (t.repeat_interleave(frames_per_ref, dim=0) if frames_per_ref > 1 else t for t in kv)
+        q = a.to_q(h)
+        k = torch.cat([a.to_k(h), k_ref], dim=1)
+        v = torch.cat([a.to_v(h), v_ref], dim=1)
+        heads = a.heads
+        q, k, v = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v)
+        out = out.transpose(1, 2).flatten(2).to(q.dtype)
+        return a.to_out[0](out)
 
 
 class SpatialTransformer(nn.Module):

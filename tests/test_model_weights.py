@@ -119,7 +119,7 @@ def test_from_sd15_reproduces_sd_unet(sd_dir):
     with torch.no_grad():
         ours = model(x, 250, face_mask=torch.ones(2, 1, 64, 64)).sample[:, :, 0]
         theirs = unet(x[:, :, 0], 250, encoder_hidden_states=empty.expand(2, -1, -1)).sample
-    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)  # float32 rounding
 
 
 def test_from_sd15_without_text_encoder_and_errors(tmp_path, sd_dir):
