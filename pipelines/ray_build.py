@@ -109,9 +109,11 @@ def _start_ray(address: Optional[str], workers: Optional[int], executor: Executo
     env = {k: os.environ[k] for k in _FORWARD_ENV if k in os.environ}
     runtime_env = {"env_vars": env} if env else None
     if address:
+        _check_reachable(address)
         ray.init(address=address, runtime_env=runtime_env, logging_level=logging.WARNING)
     else:
         ray.init(
+            address="local",  # always a new embedded instance, never a `ray start` cluster found on this machine
             num_cpus=int(workers or os.cpu_count() or 1),
             object_store_memory=executor.object_store_memory,
             include_dashboard=False,
@@ -119,6 +121,20 @@ def _start_ray(address: Optional[str], workers: Optional[int], executor: Executo
             logging_level=logging.WARNING,
         )
     return True
+
+
+def _check_reachable(address: str, timeout_s: float = 10.0) -> None:
+    """Fail fast on a ``host:port`` GCS address nobody listens on (ray.init would wait minutes)."""
+    import socket
+
+    if address == "auto" or "://" in address or ":" not in address:
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            pass
+    except (OSError, ValueError) as exc:
+        raise RuntimeError(f"cannot reach a Ray head at {address} ({exc}); start one with `ray start --head --port=...`") from exc
 
 
 def _num_gpus(config: BuildConfig, executor: ExecutorConfig) -> float:
