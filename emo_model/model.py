@@ -159,10 +159,13 @@ class EMOModel(ModelMixin, ConfigMixin):
         face_mask: Optional[torch.Tensor] = None,
         use_reference: bool = True,
         use_motion: bool = True,
+        use_temporal: bool = True,
         audio_tokens: Optional[torch.Tensor] = None,
         speed_embedding: Optional[torch.Tensor] = None,
         face_embedding: Optional[torch.Tensor] = None,
         cache: Optional[dict] = None,
+        reference_latents: Optional[torch.Tensor] = None,
+        motion_latents: Optional[torch.Tensor] = None,
         return_dict: bool = True,
     ):
         """Denoise video latents.
@@ -177,15 +180,21 @@ class EMOModel(ModelMixin, ConfigMixin):
             speed_buckets: ``[B, n+F, 2m+1, d]`` / ``[B, n+F, d]`` (or only F frames; the first is
                 repeated for the motion frames); None = no speed attention.
             face_mask: ``[B, 1, S, S]`` in [0, 1]; None = face locator off.
+            use_temporal: False skips the temporal modules (stage-1 image pre-training: the
+                backbone then is a 2-D UNet with reference-attention and face locator).
             audio_tokens / speed_embedding / face_embedding: precomputed outputs of ``audio_proj`` /
                 ``speed_proj`` / ``face_locator`` (the pipeline computes them once per clip).
             cache: optional dict for the audio / speed attention keys and values (inference only);
                 pass the same dict only while audio tokens and speed stay the same (one per clip
                 and guidance branch). Reference and text-context keys/values are cached
                 automatically in ``reference`` (a :class:`ReferenceFeatures` lives for one clip).
+            reference_latents / motion_latents: instead of ``reference``, run the ReferenceNet
+                here (training: one forward call, so a DDP wrapper sees every parameter).
         Returns ``EMOModelOutput(sample=[B, C_out, F, H, W])``.
         """
         b, c, f, h, w = sample.shape
+        if reference is None and reference_latents is not None:
+            reference = self.encode_reference(reference_latents, motion_latents)
         x = sample.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w)
         n = self.config.num_motion_frames
         if audio_tokens is None and audio_features is not None:
@@ -211,6 +220,7 @@ class EMOModel(ModelMixin, ConfigMixin):
             cache=cache,
             motion=reference.motion if (reference is not None and use_motion) else None,
             num_motion_frames=n,
+            temporal=use_temporal,
             audio=audio_tokens,
             speed=speed_embedding,
         )

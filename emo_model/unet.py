@@ -58,6 +58,7 @@ class Conditions:
     reference: Optional[dict] = None  # key -> [B, M, C] ReferenceNet self-attention inputs
     motion: Optional[dict] = None  # key -> [B * n, C, H, W] motion-frame features
     num_motion_frames: int = 0
+    temporal: bool = True  # False: temporal modules are skipped (stage-1 image training)
     audio: Optional[torch.Tensor] = None  # [N, tokens, audio_dim]
     speed: Optional[torch.Tensor] = None  # [B, n + F, speed_dim]
     clip_cache: Optional[dict] = None  # reference / text-context keys+values, cached per clip (no-grad only)
@@ -207,6 +208,8 @@ class TemporalModule(nn.Module):
         self.temporal_transformer = TemporalTransformer(channels, heads, max_len, speed_dim, norm_groups)
 
     def forward(self, x: torch.Tensor, cond: Conditions, key: str) -> torch.Tensor:
+        if not cond.temporal:
+            return x
         f, n = cond.num_frames, cond.num_motion_frames
         cache = cond.cache if (cond.cache is not None and not torch.is_grad_enabled()) else None
         if n == 0:
