@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -38,7 +39,7 @@ def make_manifest(src: str, copies: int, dst: str) -> str:
     return dst
 
 
-def run(manifest: str, out: str, variant: str, audio_encoder: str | None) -> tuple[float, float]:
+def run(manifest: str, out: str, variant: str, audio_encoder: str | None) -> tuple[float, float, float]:
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, "-m", "emo_data.cli", "build", manifest, "--out", out, "-q"]
     if variant == "local":
@@ -47,14 +48,16 @@ def run(manifest: str, out: str, variant: str, audio_encoder: str | None) -> tup
         cmd += ["--executor", "ray", "--workers", variant[-1]]
     cmd += ["--audio-encoder", audio_encoder] if audio_encoder else ["--no-audio-features"]
     env = dict(os.environ, RAY_AUTH_MODE="disabled", HF_HUB_OFFLINE="1")
-    start = time.time()
+    start, cpu0 = time.time(), resource.getrusage(resource.RUSAGE_CHILDREN)
     res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     wall = time.time() - start
+    cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
     if res.returncode != 0:
         raise SystemExit(f"{variant} failed:\n{res.stderr[-3000:]}")
     footage = next(line for line in res.stdout.splitlines() if line.startswith("footage"))
     seconds_in = float(footage.split()[1])
-    return wall, seconds_in
+    return wall, seconds_in, cpu
 
 
 def main() -> None:
@@ -73,10 +76,10 @@ def main() -> None:
         for rep in range(args.repeat):
             for variant in args.variants.split(","):
                 load = os.getloadavg()[0]
-                wall, seconds_in = run(manifest, os.path.join(work, variant), variant, args.audio_encoder)
+                wall, seconds_in, cpu = run(manifest, os.path.join(work, variant), variant, args.audio_encoder)
                 walls.setdefault(variant, []).append(wall)
                 print(f"run {rep + 1} {variant:<5}  wall {wall:6.1f} s  {seconds_in / wall:5.2f} s footage/wall s  "
-                      f"({seconds_in:.1f} s footage, load avg before {load:.1f})", flush=True)
+                      f"CPU {cpu:6.1f} s (reaped processes)  ({seconds_in:.1f} s footage, load avg before {load:.1f})", flush=True)
         med = {v: statistics.median(w) for v, w in walls.items()}
         print("median wall: " + ", ".join(f"{v} {w:.1f} s" for v, w in med.items()))
         if "ray1" in med and "ray2" in med:

@@ -73,7 +73,7 @@ class _SourceWorker:
         self.pipeline.setup()  # every model once per actor, before the first source
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
-        out: dict[str, list] = {k: [] for k in ("source_id", "status", "clips", "kept_s", "duration_s", "wall_s", "pid")}
+        out: dict[str, list] = {k: [] for k in ("source_id", "status", "clips", "kept_s", "duration_s", "start", "wall_s", "pid")}
         for payload in batch["source"]:
             source = Source(**json.loads(str(payload)))
             if self.crash_on_source and source.source_id == self.crash_on_source:
@@ -87,16 +87,29 @@ class _SourceWorker:
             out["clips"].append(int(summary.get("clips", 0)))
             out["kept_s"].append(float(summary.get("kept_s", 0.0)))
             out["duration_s"].append(float(summary.get("duration_s", 0.0)))
+            out["start"].append(start)
             out["wall_s"].append(time.time() - start)
             out["pid"].append(os.getpid())
         return out
 
 
-def _size(path: str) -> int:
+def _cost(path: str, probe: bool) -> float:
+    """Rough work estimate for longest-first ordering: seconds x sqrt(pixels / 512^2) from the
+    container header (decode cost grows with resolution), else the file size."""
+    if probe and "://" not in path:
+        try:
+            import av
+
+            with av.open(path) as c:
+                v = c.streams.video[0]
+                seconds = float(c.duration or 0) / 1e6
+                return seconds * max(1.0, (v.codec_context.width * v.codec_context.height) / 512.0 ** 2) ** 0.5 * 1e9
+        except Exception:  # noqa: BLE001 - ordering only; the probe stage reports bad files
+            pass
     try:
-        return os.path.getsize(path)
+        return float(os.path.getsize(path))
     except OSError:
-        return 0
+        return 0.0
 
 
 def _start_ray(address: Optional[str], workers: Optional[int], executor: ExecutorConfig) -> bool:
@@ -170,7 +183,7 @@ def _map_sources(ds, config: BuildConfig, executor: ExecutorConfig, out_dir: str
 
 
 def _run_round(sources: list[Source], out_dir: str, config: BuildConfig, executor: ExecutorConfig,
-               workers: int, bar, totals: dict[str, float]) -> None:
+               workers: int, bar, totals: dict[str, float], timeline: list[dict]) -> None:
     import ray
     import ray.data
 
@@ -186,6 +199,8 @@ def _run_round(sources: list[Source], out_dir: str, config: BuildConfig, executo
         warnings.simplefilter("ignore", DeprecationWarning)
         ds = _map_sources(ds, config, executor, out_dir, workers)
     for row in ds.iter_rows():
+        timeline.append({"source_id": row["source_id"], "pid": int(row["pid"]), "start": float(row["start"]),
+                         "wall_s": round(float(row["wall_s"]), 3), "duration_s": float(row["duration_s"])})
         totals["clips"] += row["clips"]
         totals["kept_s"] += row["kept_s"]
         totals["in_s"] += row["duration_s"]
@@ -241,10 +256,12 @@ def build_corpus_ray(
         check_audio_encoder(config.audio_features)  # fail before any work, with a how-to
     todo = [s for s in sources if not is_done(out_dir, s.source_id)]
     # Longest first: the last source to start bounds the wall time on a small pool.
-    todo.sort(key=lambda s: -_size(s.path))
+    probe = len(todo) <= 2000  # header probes cost ~10 ms each; huge corpora just go by file size
+    todo.sort(key=lambda s: -_cost(s.path, probe))
     start = time.time()
     totals = {"clips": 0.0, "kept_s": 0.0, "in_s": 0.0, "failed": 0.0}
     rounds = 0
+    timeline: list[dict] = []
     if todo:
         started = _start_ray(address, executor.workers, executor)
         try:
@@ -260,7 +277,7 @@ def build_corpus_ray(
                         break
                     if rounds > 1:
                         log.warning("round %d: %d source(s) unfinished after a worker crash, retrying", rounds, len(remaining))
-                    _run_round(remaining, out_dir, config, executor, max(1, min(pool, len(remaining))), bar, totals)
+                    _run_round(remaining, out_dir, config, executor, max(1, min(pool, len(remaining))), bar, totals, timeline)
                 for source in todo:
                     if not is_done(out_dir, source.source_id):
                         _seal_crashed(source, out_dir, config, rounds)
@@ -272,7 +289,8 @@ def build_corpus_ray(
                 ray.shutdown()
     summary = finalize_corpus(out_dir, [s.source_id for s in sources], config, wall_s=time.time() - start)
     _note_executor(out_dir, {"executor": "ray", "address": address or "embedded", "workers": executor.workers,
-                             "rounds": rounds, "processed": len(todo), "skipped": len(sources) - len(todo)})
+                             "rounds": rounds, "processed": len(todo), "skipped": len(sources) - len(todo),
+                             "sources": [dict(t, start=round(t["start"] - start, 3)) for t in timeline]})
     return BuildResult(summary=summary, out_dir=out_dir, processed=len(todo), skipped=len(sources) - len(todo))
 
 
