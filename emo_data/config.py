@@ -146,6 +146,7 @@ class ExecutorConfig(ConfigBase):
     num_cpus_per_worker: float = 1.0      # CPUs reserved per worker actor
     num_gpus_per_worker: Optional[float] = None  # None = 1 if audio features on and torch.cuda.is_available() else 0
     object_store_memory: int = 768 * 1024 ** 2   # embedded Ray only (512 MB - 1 GB is plenty: rows are tiny)
+    worker_niceness: int = 0              # embedded Ray only; Ray's own default (15) starves workers on a busy machine
     max_restarts: int = -1                # Ray actor restarts after a worker process dies (-1 = always)
     max_task_retries: int = 1             # retries of a source on a restarted actor after a worker crash
     source_retries: int = 1               # extra driver-side rounds for sources still unfinished after a round

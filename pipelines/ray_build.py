@@ -131,6 +131,9 @@ def _start_ray(address: Optional[str], workers: Optional[int], executor: Executo
             object_store_memory=executor.object_store_memory,
             include_dashboard=False,
             runtime_env=runtime_env,
+            # Ray runs workers at nice 15; the in-process executor runs at 0, and on a shared
+            # machine nice-15 workers lose most of the CPU to anyone else's work.
+            _system_config={"worker_niceness": executor.worker_niceness},
             logging_level=logging.WARNING,
         )
     return True
