@@ -116,7 +116,7 @@ class RssSampler(threading.Thread):
         self.root_pid, self.interval = root_pid, interval
         self.peak_all = self.peak_worker = self.peak_root = 0
         self.worker_pids: set[int] = set()
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     def run(self) -> None:
         import psutil
@@ -125,7 +125,7 @@ class RssSampler(threading.Thread):
             root = psutil.Process(self.root_pid)
         except psutil.NoSuchProcess:
             return
-        while not self._stop.is_set():
+        while not self._halt.is_set():
             try:
                 procs = [root] + root.children(recursive=True)
             except psutil.NoSuchProcess:
@@ -145,10 +145,10 @@ class RssSampler(threading.Thread):
                     self.peak_root = max(self.peak_root, rss)
             self.peak_all = max(self.peak_all, total)
             self.peak_worker = max(self.peak_worker, worker)
-            self._stop.wait(self.interval)
+            self._halt.wait(self.interval)
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
         self.join()
 
 
