@@ -169,6 +169,7 @@ def test_cli_end_to_end(tmp_path, model_dir, speech):
     assert len(frames) == 33 and frames[0].shape == (64, 64, 3)
     assert abs(asamples - len(clip)) <= 2048  # AAC priming / padding
     assert all(np.array_equal(x, y) for x, y in zip(frames, frames_b))  # --seed: identical video
+    assert (tmp_path / "a.mp4").read_bytes() == (tmp_path / "b.mp4").read_bytes()  # ... and identical file
 
 
 def test_cli_errors(model_dir, tmp_path):
