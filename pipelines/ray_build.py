@@ -119,6 +119,9 @@ def _start_ray(address: Optional[str], workers: Optional[int], executor: Executo
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     if ray.is_initialized():
         return False
+    if not log.isEnabledFor(logging.INFO):
+        # A user watching the progress bar does not need Ray Data's notices; `emo-data -v` shows them.
+        logging.getLogger("ray.data").setLevel(logging.ERROR)
     env = {k: os.environ[k] for k in _FORWARD_ENV if k in os.environ}
     runtime_env = {"env_vars": env} if env else None
     if address:
@@ -193,6 +196,8 @@ def _run_round(sources: list[Source], out_dir: str, config: BuildConfig, executo
     ctx = ray.data.DataContext.get_current()
     ctx.max_errored_blocks = -1          # a crashed source drops its block, not the build
     ctx.enable_progress_bars = False     # our own bar below counts sources, clips and footage
+    if not log.isEnabledFor(logging.INFO):
+        logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "bars disabled" notice
     ctx.print_on_execution_start = False
     items = [{"source": json.dumps(asdict(s))} for s in sources]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
