@@ -13,6 +13,7 @@ from torch import nn
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
+from diffusers.utils.accelerate_utils import apply_forward_hook
 
 from .conditioning import AudioProjection, FaceLocator, SpeedProjection
 from .unet import Conditions, UNetCore, UNetSettings
@@ -127,6 +128,22 @@ class EMOModel(ModelMixin, ConfigMixin):
     def _context(self, dtype) -> torch.Tensor:
         return self.text_context.to(dtype)  # [1, S, D], broadcast over frames inside the attention
 
+    @apply_forward_hook
+    def encode_face(self, face_mask: torch.Tensor) -> torch.Tensor:
+        """Face locator: ``[B, 1, S, S]`` mask -> ``[B, C0, S/8, S/8]`` (computed once per clip)."""
+        return self.face_locator(face_mask)
+
+    @apply_forward_hook
+    def encode_audio(self, audio_features: torch.Tensor) -> torch.Tensor:
+        """Audio projection: ``[B, F, 2m+1, L, D]`` -> ``[B, F, tokens, dim]``."""
+        return self.audio_proj(audio_features)
+
+    @apply_forward_hook
+    def encode_speed(self, speed_buckets: torch.Tensor) -> torch.Tensor:
+        """Speed layers: ``[B, n+F, (2m+1,) d]`` -> ``[B, n+F, speed_dim]``."""
+        return self.speed_proj(speed_buckets)
+
+    @apply_forward_hook  # so that enable_model_cpu_offload moves the model before the ReferenceNet pass
     def encode_reference(self, reference_latents: torch.Tensor, motion_latents: Optional[torch.Tensor] = None) -> ReferenceFeatures:
         """One ReferenceNet pass over the reference latent and (optionally) the motion-frame latents.
 

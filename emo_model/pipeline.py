@@ -208,7 +208,7 @@ class EMOPipeline(DiffusionPipeline):
         ref_latent = self.vae.encode(ref.to(device=device, dtype=self.vae.dtype)).latent_dist.mode()
         ref_latent = (ref_latent * self.vae.config.scaling_factor).to(dtype)
         mask_t = torch.from_numpy(mask).float().div(255.0)[None, None].to(device=device, dtype=dtype)
-        face_emb = emo.face_locator(mask_t)
+        face_emb = emo.encode_face(mask_t)
 
         # --- audio features for the whole track, padded to whole clips (edge frames repeated)
         feats = self.encode_audio(samples, total, fps)  # [T, L, D]
@@ -219,7 +219,7 @@ class EMOPipeline(DiffusionPipeline):
         speed_enc = constant_speed_buckets(
             speed, n + f, **({"centers": cfg.speed_centers, "radii": cfg.speed_radii} if cfg.speed_centers else {})
         )
-        speed_emb = emo.speed_proj(torch.from_numpy(speed_enc)[None].to(device=device, dtype=dtype))
+        speed_emb = emo.encode_speed(torch.from_numpy(speed_enc)[None].to(device=device, dtype=dtype))
 
         use_cfg = guidance_scale != 1.0 or (audio_guidance_scale is not None and audio_guidance_scale != 0)
         lat_shape = (1, emo.config.in_channels, f, size // self.vae_scale_factor, size // self.vae_scale_factor)
@@ -228,8 +228,8 @@ class EMOPipeline(DiffusionPipeline):
         bar = self.progress_bar(total=clips * num_inference_steps) if progress else None
         for c in range(clips):
             audio_clip = feats[:, c * f : (c + 1) * f].to(device)
-            tokens = emo.audio_proj(audio_clip)
-            tokens_null = emo.audio_proj(torch.zeros_like(audio_clip)) if use_cfg else None
+            tokens = emo.encode_audio(audio_clip)
+            tokens_null = emo.encode_audio(torch.zeros_like(audio_clip)) if use_cfg else None
             reference = emo.encode_reference(ref_latent, motion)  # once per clip
             latents = torch.randn(lat_shape, generator=generator, dtype=torch.float32).to(device=device, dtype=dtype)
             self.scheduler.set_timesteps(num_inference_steps, device=device)
