@@ -73,6 +73,30 @@ def _unavailable_message(encoder: str, exc: BaseException) -> str:
     )
 
 
+def _hub_usable(repo_id: str, timeout_s: float = 3.0) -> bool:
+    """Can ``from_pretrained(repo_id)`` work? True when the checkpoint is in the local cache, or
+    the hub answers within ``timeout_s``. Without this, an offline machine spends ~30 s in
+    huggingface_hub's retries before the same error."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
+            return True
+    except Exception:  # noqa: BLE001 - an odd id is for from_pretrained to judge
+        return True
+    if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0", "false", "False"):
+        return False
+    import socket
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        with socket.create_connection((host, 443), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
 def _load_encoder(encoder: str, device: str = "cpu"):
     """(model, do_normalize) loaded the real way; raises AudioEncoderUnavailable."""
     try:
@@ -90,6 +114,9 @@ def _load_encoder(encoder: str, device: str = "cpu"):
         )
     if looks_local:
         encoder = expanded
+    elif not _hub_usable(encoder):
+        raise AudioEncoderUnavailable(_unavailable_message(
+            encoder, ConnectionError("not in the local Hugging Face cache and the hub is unreachable")))
     try:
         model = Wav2Vec2Model.from_pretrained(encoder)
     except Exception as exc:

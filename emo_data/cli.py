@@ -58,7 +58,8 @@ def _add_build_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-seconds", type=float, help="longest clip (default 10)")
     p.add_argument("--test-fraction", type=float, help="share of footage in the identity-disjoint test split (default 0.1)")
     p.add_argument("--seed", type=int, help="seed of the split (default 0)")
-    p.add_argument("--executor", choices=["local", "ray"], default="local", help="in-process (default) or Ray Data")
+    p.add_argument("--executor", choices=["ray", "local"], default="ray",
+                   help="ray (default: Ray Data, an embedded local Ray unless --address) or local (in-process, for debugging)")
     p.add_argument("--address", help="Ray cluster address (ray://host:10001 or auto); default: embedded local Ray")
     p.add_argument("--workers", type=int, default=None, help="parallel workers (Ray executor; default: all CPUs)")
     p.add_argument("--max-failure-fraction", type=float, default=None,
@@ -77,6 +78,8 @@ def cmd_build(args) -> int:
     if args.max_failure_fraction is not None:
         executor.max_failure_fraction = args.max_failure_fraction
     try:
+        if args.executor == "local" and args.address:
+            raise ValueError("--address needs --executor ray")
         if args.executor == "ray":
             from pipelines.ray_build import build_corpus_ray
 

@@ -257,11 +257,11 @@ def build_corpus_ray(
         executor.crash_on_source = os.environ[FAULT_ENV]
     sources = read_sources(sources) if isinstance(sources, str) else list(sources)
     out_dir = os.path.abspath(out_dir)
-    os.makedirs(staging_dir(out_dir), exist_ok=True)
     if config.audio_features.enabled:
         from emo_data.audio_features import check_audio_encoder
 
         check_audio_encoder(config.audio_features)  # fail before any work, with a how-to
+    os.makedirs(staging_dir(out_dir), exist_ok=True)
     todo = [s for s in sources if not is_done(out_dir, s.source_id)]
     # Longest first: the last source to start bounds the wall time on a small pool.
     probe = len(todo) <= 2000  # header probes cost ~10 ms each; huge corpora just go by file size

@@ -38,10 +38,13 @@ def tiny_wav2vec(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def built_corpus(tmp_path_factory, samples_dir, tiny_wav2vec):
-    """The README's main command on the sample manifest, with a tiny local wav2vec2."""
+    """The README's main command on the sample manifest, with a tiny local wav2vec2.
+
+    In-process executor: the Ray executor runs the same stages and is compared with it on the
+    samples in test_ray_build.py."""
     from emo_data.cli import main
 
     out = tmp_path_factory.mktemp("corpus")
-    code = main(["build", str(REPO / "manifests" / "samples.csv"), "--out", str(out), "--audio-encoder", tiny_wav2vec, "-q"])
+    code = main(["build", str(REPO / "manifests" / "samples.csv"), "--out", str(out), "--audio-encoder", tiny_wav2vec, "--executor", "local", "-q"])
     assert code == 0
     return out

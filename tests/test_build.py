@@ -160,7 +160,7 @@ def test_rerun_resumes_without_redoing_work(built_corpus, tiny_wav2vec, capsys):
     from emo_data.cli import main
 
     before = sorted(_samples(built_corpus))
-    assert main(["build", str(REPO / "manifests" / "samples.csv"), "--out", str(built_corpus), "--audio-encoder", tiny_wav2vec, "-q"]) == 0
+    assert main(["build", str(REPO / "manifests" / "samples.csv"), "--out", str(built_corpus), "--audio-encoder", tiny_wav2vec, "--executor", "local", "-q"]) == 0
     out = capsys.readouterr().out
     assert "11 were already done, 0 processed now" in out.replace("sources were", "were")
     assert sorted(_samples(built_corpus)) == before
@@ -184,7 +184,7 @@ def test_bad_inputs_become_manifest_rows(tmp_path, tiny_wav2vec):
                 packet.stream = out
                 dst.mux(packet)
     out_dir = tmp_path / "out"
-    assert main(["build", str(folder), "--out", str(out_dir), "--audio-encoder", tiny_wav2vec, "-q"]) == 0
+    assert main(["build", str(folder), "--out", str(out_dir), "--audio-encoder", tiny_wav2vec, "--executor", "local", "-q"]) == 0
     m = pd.read_parquet(out_dir / "manifest.parquet")
     failed = m[m.status == "failed"].set_index("source_id")
     assert failed.loc["zero", "reason"] == "empty_file"

@@ -24,7 +24,7 @@ def featureless_corpus(tmp_path_factory):
         f"{sample('video/v-express__RD_Radio10_0_clip_0.mp4')},talk,en\n"
     )
     out = tmp_path_factory.mktemp("corpus")
-    assert main(["build", str(manifest), "--out", str(out), "--no-audio-features", "--test-fraction", "0", "-q"]) == 0
+    assert main(["build", str(manifest), "--out", str(out), "--no-audio-features", "--test-fraction", "0", "--executor", "local", "-q"]) == 0
     return out
 
 
@@ -34,7 +34,7 @@ def test_build_without_features_then_add_them(featureless_corpus, tiny_wav2vec):
     shard = str(featureless_corpus / "train-000000.tar")
     raw = next(iter_raw_samples(shard))
     assert "audio_emb.npy" not in raw and json.loads(raw["json"])["audio_emb"] is None
-    assert main(["add-features", str(featureless_corpus), "--audio-encoder", tiny_wav2vec, "-q"]) == 0
+    assert main(["add-features", str(featureless_corpus), "--audio-encoder", tiny_wav2vec, "--executor", "local", "-q"]) == 0
     assert validate_shard(shard)[1] == []
     for raw in iter_raw_samples(shard):
         sample_ = decode_sample(raw)
