@@ -40,6 +40,11 @@ def _load_config(args) -> BuildConfig:
         config.identity.test_fraction = args.test_fraction
     if getattr(args, "seed", None) is not None:
         config.identity.seed = args.seed
+    if getattr(args, "shard_by", None):
+        config.shards.group_by = [v.strip() for v in args.shard_by.split(",") if v.strip()]
+        from .finalize import shard_prefix
+
+        shard_prefix("train", {}, config.shards.group_by)  # unknown fields fail now, not after the build
     return config
 
 
@@ -58,6 +63,7 @@ def _add_build_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-seconds", type=float, help="longest clip (default 10)")
     p.add_argument("--test-fraction", type=float, help="share of footage in the identity-disjoint test split (default 0.1)")
     p.add_argument("--seed", type=int, help="seed of the split (default 0)")
+    p.add_argument("--shard-by", help="separate shards per kind and/or language: e.g. kind,language -> train-talk-en-000000.tar")
     p.add_argument("--executor", choices=["ray", "local"], default="ray",
                    help="ray (default: Ray Data, an embedded local Ray unless --address) or local (in-process, for debugging)")
     p.add_argument("--address", help="Ray cluster address (ray://host:10001 or auto); default: embedded local Ray")

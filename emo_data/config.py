@@ -122,6 +122,9 @@ class IdentityConfig(ConfigBase):
 class ShardConfig(ConfigBase):
     max_samples: int = 200
     max_bytes: int = 1 << 30
+    # Separate shards per value of these sample fields ("kind", "language"), named
+    # <split>-<kind>-<language>-NNNNNN.tar, so a training job can pick or weight them by name.
+    group_by: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -9,6 +9,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import shutil
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -23,6 +24,17 @@ from .schema import INDEX_SUFFIX, ShardWriter, read_index
 from .staging import read_staged, staging_dir
 
 SPLITS = ("train", "test")
+GROUP_FIELDS = ("kind", "language")
+
+
+def shard_prefix(split: str, meta: dict[str, Any], group_by: list[str]) -> str:
+    """``train`` or, grouped, ``train-talk-en``: values are made name-safe (no dots or dashes)."""
+    parts = [split]
+    for name in group_by:
+        if name not in GROUP_FIELDS:
+            raise ValueError(f"cannot group shards by {name!r}: choose from {', '.join(GROUP_FIELDS)}")
+        parts.append(re.sub(r"[^A-Za-z0-9_]+", "_", str(meta.get(name) or "unknown")) or "unknown")
+    return "-".join(parts)
 
 
 @dataclass
@@ -106,10 +118,7 @@ def finalize_corpus(out_dir: str, source_ids: list[str], config: BuildConfig, wa
     scratch = os.path.join(out_dir, ".finalize.tmp")
     shutil.rmtree(scratch, ignore_errors=True)
     os.makedirs(scratch)
-    writers = {
-        split: ShardWriter(scratch, split, cfg.shards.max_samples, cfg.shards.max_bytes, extra_index={"config": cfg.to_dict()})
-        for split in SPLITS
-    }
+    writers: dict[str, ShardWriter] = {}
     shard_metas: dict[str, list[dict[str, Any]]] = defaultdict(list)
     shard_of: dict[str, str] = {}
     for source_id in sorted(source_ids):
@@ -125,14 +134,18 @@ def finalize_corpus(out_dir: str, source_ids: list[str], config: BuildConfig, wa
             meta = json.loads(members["json"].decode("utf-8"))
             meta["identity"], meta["split"] = identity, split
             members["json"] = json.dumps(meta, sort_keys=True).encode("utf-8")
-            writer = writers[split]
+            prefix = shard_prefix(split, meta, list(cfg.shards.group_by))
+            if prefix not in writers:
+                writers[prefix] = ShardWriter(scratch, prefix, cfg.shards.max_samples, cfg.shards.max_bytes,
+                                              extra_index={"config": cfg.to_dict()})
+            writer = writers[prefix]
             writer.write(key, members, meta)
             shard = os.path.basename(writer._current.path)  # noqa: SLF001 - the shard this sample lands in
             shard_of[key] = shard
             shard_metas[shard].append(meta)
     written = []
-    for writer in writers.values():
-        written.extend(writer.close())
+    for prefix in sorted(writers):
+        written.extend(writers[prefix].close())
     for path in written:
         name = os.path.basename(path)
         stats = _shard_stats(shard_metas[name])

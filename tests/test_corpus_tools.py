@@ -89,3 +89,35 @@ def test_clustering_and_split_are_deterministic():
     a, b = split_identities(durations, 0.1, seed=3), split_identities(durations, 0.1, seed=3)
     assert a == b and sum(v == "test" for v in a.values()) == 2
     assert split_identities(durations, 0.1, seed=4) != a
+
+
+def test_shards_grouped_by_kind_and_language(featureless_corpus, tmp_path):
+    """Re-finalising the same staged sources with --shard-by gives per-kind/language shards."""
+    import shutil
+
+    from emo_data.config import BuildConfig
+    from emo_data.finalize import finalize_corpus
+
+    out = tmp_path / "grouped"
+    shutil.copytree(featureless_corpus / "staging", out / "staging")
+    # make one source a different kind and language, as a manifest would say
+    from emo_data.schema import rewrite_shard
+
+    def relabel(raw):
+        meta = json.loads(raw["json"])
+        meta["kind"], meta["language"] = "singing", "zh"
+        raw["json"] = json.dumps(meta).encode()
+        return raw
+
+    rewrite_shard(str(out / "staging" / "v-express__RD_Radio10_0_clip_0.tar"), relabel)
+    config = BuildConfig()
+    config.identity.test_fraction = 0.0
+    config.shards.group_by = ["kind", "language"]
+    ids = [p.name[: -len(".rows.json")] for p in (out / "staging").glob("*.rows.json")]
+    summary = finalize_corpus(str(out), ids, config)
+    assert summary.shards == ["train-singing-zh-000000.tar", "train-talk-en-000000.tar"]
+    for name in summary.shards:
+        assert validate_shard(str(out / name))[1] == []
+    with pytest.raises(ValueError):
+        config.shards.group_by = ["licence"]
+        finalize_corpus(str(out), ids, config)
