@@ -146,7 +146,7 @@ class VideoPassStage(Stage[VideoPassInput, Iterator[VideoPassItem]]):
 
         cfg = self.config
         fps = cfg.decode.fps
-        source, probe = item.source, item.probe
+        source = item.source
         tracker = FaceTracker(self.backend, cfg.face)
         scenes = SceneCutDetector(cfg.scene)
         summary = VideoPassSummary(source_id=source.source_id)

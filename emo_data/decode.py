@@ -8,7 +8,6 @@ when their streams start at different times.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Iterator, Optional
 
 import numpy as np

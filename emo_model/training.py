@@ -20,9 +20,7 @@ here stage 2 also trains the stage-1 modules (``--freeze-spatial`` turns that of
 from __future__ import annotations
 
 import argparse
-import io
 import logging
-import math
 import os
 import random
 import sys

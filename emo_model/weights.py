@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import re
-from typing import Optional
 
 import torch
 

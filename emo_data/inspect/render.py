@@ -207,39 +207,16 @@ def contact_sheet(d: dict[str, Any], out_png: str, n_frames: int = 8, shard: str
 
 def overlay_video(d: dict[str, Any], out_mp4: str, crf: int = 20) -> str:
     """The clip with overlays drawn on every frame, its wav muxed in as AAC."""
-    import av
-    from fractions import Fraction
+    from emo_data.media import write_mp4
 
     meta = d["meta"]
-    fps = float(meta.get("fps") or 25.0)
-    frames = d["frames"]
-    with av.open(out_mp4, mode="w") as container:
-        vs = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
-        vs.width, vs.height = frames.shape[2], frames.shape[1]
-        vs.pix_fmt = "yuv420p"
-        vs.options = {"crf": str(crf), "preset": "veryfast"}
-        wav = d.get("wav")
-        aus = None
-        if wav is not None and len(wav):
-            aus = container.add_stream("aac", rate=int(d.get("sample_rate") or schema.SAMPLE_RATE))
-            aus.layout = "mono"
-        for t, frame in enumerate(frames):
-            for packet in vs.encode(av.VideoFrame.from_ndarray(overlay(frame, t, d), format="rgb24")):
-                container.mux(packet)
-        for packet in vs.encode():
-            container.mux(packet)
-        if aus is not None:
-            rate = aus.rate
-            chunk = 1024
-            pcm = np.asarray(wav, np.float32)
-            for start in range(0, len(pcm), chunk):
-                part = pcm[start : start + chunk]
-                af = av.AudioFrame.from_ndarray(part.reshape(1, -1), format="fltp", layout="mono")
-                af.sample_rate = rate
-                af.pts = start
-                af.time_base = Fraction(1, rate)
-                for packet in aus.encode(af):
-                    container.mux(packet)
-            for packet in aus.encode():
-                container.mux(packet)
+    wav = d.get("wav")
+    write_mp4(
+        out_mp4,
+        (overlay(frame, t, d) for t, frame in enumerate(d["frames"])),
+        fps=float(meta.get("fps") or 25.0),
+        audio=wav if wav is not None and len(wav) else None,
+        sample_rate=int(d.get("sample_rate") or schema.SAMPLE_RATE),
+        crf=crf,
+    )
     return out_mp4
