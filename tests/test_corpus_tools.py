@@ -34,7 +34,7 @@ def test_build_without_features_then_add_them(featureless_corpus, tiny_wav2vec):
     shard = str(featureless_corpus / "train-000000.tar")
     raw = next(iter_raw_samples(shard))
     assert "audio_emb.npy" not in raw and json.loads(raw["json"])["audio_emb"] is None
-    assert main(["add-features", str(featureless_corpus), "--audio-encoder", tiny_wav2vec, "--executor", "local", "-q"]) == 0
+    assert main(["add-features", str(featureless_corpus), "--audio-encoder", tiny_wav2vec, "-q"]) == 0
     assert validate_shard(shard)[1] == []
     for raw in iter_raw_samples(shard):
         sample_ = decode_sample(raw)
