@@ -47,6 +47,11 @@ class VideoPassSummary:
     kept_s: float = 0.0
     rejected_s: dict[str, float] = field(default_factory=dict)
 
+    def totals(self) -> dict[str, float]:
+        """What a staged source's summary records."""
+        return dict(frames=self.frames, scene_cuts=self.scene_cuts, speech_s=self.speech_s, clips=self.clips,
+                    kept_s=self.kept_s)
+
 
 VideoPassItem = Union[ClipCandidate, RejectedSpan, VideoPassSummary]
 
@@ -311,4 +316,6 @@ class VideoPassStage(Stage[VideoPassInput, Iterator[VideoPassItem]]):
                 "crop_source_px": float(crop_box[2] - crop_box[0]),
                 "upscale": float(to_crop),
             },
+            face_backend=self.backend.name,
+            landmark_format=self.backend.landmark_format,
         )

@@ -21,7 +21,7 @@ from .config import BuildConfig
 from .identity import assign_identities, split_identities
 from .manifest import ManifestRow, write_manifest
 from .schema import INDEX_SUFFIX, ShardWriter, read_index
-from .staging import read_staged, staging_dir
+from .staging import read_staged, staged_parts
 
 SPLITS = ("train", "test")
 GROUP_FIELDS = ("kind", "language")
@@ -121,12 +121,16 @@ def finalize_corpus(out_dir: str, source_ids: list[str], config: BuildConfig, wa
     writers: dict[str, ShardWriter] = {}
     shard_metas: dict[str, list[dict[str, Any]]] = defaultdict(list)
     shard_of: dict[str, str] = {}
+    clip_keys: dict[str, list[str]] = defaultdict(list)
+    for r in clip_rows:
+        clip_keys[r["source_id"]].append(r["key"])
     for source_id in sorted(source_ids):
-        staged_tar = os.path.join(staging_dir(out_dir), f"{source_id}.tar")
-        index = read_index(staged_tar) if os.path.exists(staged_tar) else None
-        if not index:
-            continue
-        for entry in index["samples"]:
+        keys = sorted(clip_keys.get(source_id, []))
+        for staged_tar in staged_parts(out_dir, source_id, keys):
+            index = read_index(staged_tar)
+            if not index or len(index["samples"]) != 1:
+                raise ValueError(f"{staged_tar}: a staged part must hold exactly one indexed sample")
+            entry = index["samples"][0]
             key = entry["key"]
             identity = identity_of.get(key, f"source:{source_id}")
             split = split_of.get(identity, "train")

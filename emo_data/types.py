@@ -116,6 +116,8 @@ class ClipCandidate:
     identity_embedding: Optional[np.ndarray] = None  # [E] float32
     backend_pose: Optional[np.ndarray] = None        # [T, 6] if the face backend estimates pose
     scores: dict[str, float] = field(default_factory=dict)
+    face_backend: str = ""         # which backend found the faces (recorded in the sample)
+    landmark_format: str = ""      # e.g. ibug68: how head pose reads ``landmarks``
 
     @property
     def key(self) -> str:

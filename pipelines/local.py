@@ -8,13 +8,12 @@ from __future__ import annotations
 import logging
 import os
 import time
-import traceback
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional
 
 from emo_data.config import BuildConfig
 from emo_data.finalize import CorpusSummary, finalize_corpus
-from emo_data.manifest import ManifestRow, read_sources
+from emo_data.manifest import read_sources
 from emo_data.stage import StageError
 from emo_data.staging import SourceStagingWriter, is_done
 from emo_data.types import ClipCandidate, RejectedSpan, Source
@@ -52,13 +51,13 @@ class SourcePipeline:
 
     def run(self, source: Source, out_dir: str, on_clip: Optional[Callable[[float], None]] = None) -> dict[str, Any]:
         """Stage one source; returns its summary. Never raises for a bad source."""
-        from emo_data.audio_features import AudioFeatureInput
+        from emo_data.clip_work import (
+            ClipInFlight, add_audio_features, add_head_motion, assemble_sample, clip_row, failed_row, order_rows,
+            rejected_row,
+        )
         from emo_data.clips import VideoPassInput, VideoPassSummary
-        from emo_data.pose import HeadPoseInput
-        from emo_data.samples import SampleInput
 
         self.setup()
-        base = dict(source_id=source.source_id, path=source.path, kind=source.kind, language=source.language, licence=source.licence)
         writer = SourceStagingWriter(out_dir, source, self.config.to_dict())
         rows: list[dict[str, Any]] = []
         summary: dict[str, Any] = {"duration_s": 0.0}
@@ -73,64 +72,29 @@ class SourcePipeline:
             stage = "video_pass"
             for item in self.video(VideoPassInput(source, probe, audio, speech)):
                 if isinstance(item, ClipCandidate):
+                    work = ClipInFlight(item)
                     stage = "head_pose"
-                    motion = self.pose(HeadPoseInput(
-                        landmarks=item.landmarks,
-                        crop_size=self.config.clip.crop_size,
-                        landmark_format=self.video.backend.landmark_format,
-                        backend_pose=item.backend_pose,
-                    ))
-                    audio_emb, audio_info = None, None
+                    add_head_motion(work, self.pose, self.config.clip.crop_size)
                     if self.features is not None:
                         stage = "audio_features"
-                        audio_emb = self.features(AudioFeatureInput(item.audio, item.num_frames, item.fps))
-                        audio_info = {
-                            "encoder": self.features.model_id,
-                            "layers": self.config.audio_features.layers,
-                            "num_layers": int(audio_emb.shape[1]),
-                            "dim": int(audio_emb.shape[2]),
-                            "rate": "resampled from 50 Hz to the video frames",
-                        }
+                        add_audio_features(work, self.features)
                     stage = "write"
-                    sample = self.assemble(SampleInput(
-                        clip=item,
-                        head_pose=motion.pose,
-                        head_speed=motion.speed,
-                        speed_buckets=motion.buckets,
-                        audio_emb=audio_emb,
-                        audio_emb_info=audio_info,
-                        face_backend=self.video.backend.name,
-                        landmark_format=self.video.backend.landmark_format,
-                        speech_backend=self.config.speech.backend,
-                    ))
+                    sample = assemble_sample(work, self.assemble, self.config)
                     writer.write(sample)
-                    seconds = item.num_frames / item.fps
-                    rows.append(ManifestRow(
-                        status="clip", key=item.key, start_s=item.start_s, end_s=item.start_s + seconds,
-                        duration_s=seconds, num_frames=item.num_frames, face_size=item.scores.get("face_size_mean"),
-                        head_speed_mean=sample.meta["head_speed_mean"], identity=source.identity, **base,
-                    ).to_dict() | {"identity_embedding": None if item.identity_embedding is None else item.identity_embedding.tolist()})
+                    rows.append(clip_row(item, sample))
                     if on_clip:
-                        on_clip(seconds)
+                        on_clip(item.num_frames / item.fps)
                     stage = "video_pass"
                 elif isinstance(item, RejectedSpan):
-                    rows.append(ManifestRow(
-                        status="rejected", start_s=item.start_s, end_s=item.end_s, duration_s=item.end_s - item.start_s,
-                        reason=item.reason, stage=item.stage, detail=item.detail, **base,
-                    ).to_dict())
+                    rows.append(rejected_row(source, item))
                 elif isinstance(item, VideoPassSummary):
-                    summary.update(frames=item.frames, scene_cuts=item.scene_cuts, speech_s=item.speech_s, clips=item.clips, kept_s=item.kept_s)
-            writer.seal(rows, summary, "ok")
-        except StageError as exc:
+                    summary.update(item.totals())
+            writer.seal(order_rows(rows), summary, "ok")
+        except Exception as exc:  # noqa: BLE001 - a bad file or a bug on one source must not stop the corpus
             writer.abort()
-            rows = [ManifestRow(status="failed", reason=exc.reason, stage=stage, detail=exc.message, **base).to_dict()]
-            writer.seal(rows, summary, "failed")
-        except Exception as exc:  # noqa: BLE001 - a bug on one source must not stop the corpus
-            writer.abort()
-            detail = f"{type(exc).__name__}: {exc}\n" + "".join(traceback.format_exc(limit=4))
-            rows = [ManifestRow(status="failed", reason="exception", stage=stage, detail=detail, **base).to_dict()]
-            writer.seal(rows, summary, "failed")
-            log.warning("%s failed in %s: %s", source.path, stage, exc)
+            if not isinstance(exc, StageError):
+                log.warning("%s failed in %s: %s", source.path, stage, exc)
+            writer.seal([failed_row(source, stage, exc)], summary, "failed")
         return summary
 
 

@@ -109,7 +109,10 @@ def test_shards_grouped_by_kind_and_language(featureless_corpus, tmp_path):
         raw["json"] = json.dumps(meta).encode()
         return raw
 
-    rewrite_shard(str(out / "staging" / "v-express__RD_Radio10_0_clip_0.tar"), relabel)
+    parts = sorted((out / "staging" / "v-express__RD_Radio10_0_clip_0").glob("*.tar"))
+    assert parts  # one staged part per clip
+    for part in parts:
+        rewrite_shard(str(part), relabel)
     config = BuildConfig()
     config.identity.test_fraction = 0.0
     config.shards.group_by = ["kind", "language"]
