@@ -67,7 +67,10 @@ def _add_build_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--executor", choices=["ray", "local"], default="ray",
                    help="ray (default: Ray Data, an embedded local Ray unless --address) or local (in-process, for debugging)")
     p.add_argument("--address", help="Ray cluster address (ray://host:10001 or auto); default: embedded local Ray")
-    p.add_argument("--workers", type=int, default=None, help="parallel workers (Ray executor; default: all CPUs)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="video-pass actors, one CPU each (Ray executor; default: all CPUs of the embedded Ray or cluster)")
+    p.add_argument("--executor-config",
+                   help="JSON file with (part of) an ExecutorConfig: per-stage num_cpus / num_gpus / concurrency / batch_size (docs/ray.md)")
     p.add_argument("--max-failure-fraction", type=float, default=None,
                    help="exit 1 with a table of failures if more than this share of sources failed (default 1.0: never)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -81,6 +84,9 @@ def cmd_build(args) -> int:
 
     config = _load_config(args)
     executor = ExecutorConfig()
+    if args.executor_config:
+        with open(args.executor_config) as fh:
+            executor = ExecutorConfig.from_dict(json.load(fh))
     if args.max_failure_fraction is not None:
         executor.max_failure_fraction = args.max_failure_fraction
     try:

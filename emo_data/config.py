@@ -141,20 +141,44 @@ class BuildConfig(ConfigBase):
 
 
 @dataclass
+class StageResources(ConfigBase):
+    """What one operator of the Ray build asks for (see docs/ray.md)."""
+
+    num_cpus: float = 0.0                 # CPUs reserved per actor / task
+    num_gpus: Optional[float] = None      # None = auto: model stages take 1 GPU each when the cluster has GPUs
+    concurrency: Optional[int] = None     # actors (model stages) or tasks in flight; None = a default per stage
+    batch_size: int = 1                   # items per call (clips for per-clip stages)
+
+
+@dataclass
 class ExecutorConfig(ConfigBase):
     """How a build runs, not what it makes: kept out of ``BuildConfig`` so shards built by either
-    executor, with any number of workers, carry the same config."""
+    executor, with any number of workers, carry the same config.
 
-    workers: Optional[int] = None         # Ray: actors (one source each at a time); None = cluster CPUs
-    num_cpus_per_worker: float = 1.0      # CPUs reserved per worker actor
-    num_gpus_per_worker: Optional[float] = None  # None = 1 if audio features on and torch.cuda.is_available() else 0
-    object_store_memory: int = 768 * 1024 ** 2   # embedded Ray only (512 MB - 1 GB is plenty: rows are tiny)
+    The Ray build is a chain of operators: ``analyse`` (probe, audio decode, speech activity or
+    diarization: an actor pool holding the speech model) -> ``video`` (the one streaming pass
+    over the frames: scene cuts, face model, clip selection, crop, mp4: an actor pool holding
+    the face backend) -> ``head_pose`` (CPU tasks) -> ``audio_features`` (wav2vec actor pool)
+    -> ``write`` (CPU tasks writing staged parts). The video pass does most of the work, so it
+    reserves whole CPUs and ``workers`` counts its actors; the other operators reserve none by
+    default and are bounded by their ``concurrency`` instead (on a CPU-only cluster with
+    wav2vec, give ``audio_features`` ``num_cpus`` so it gets cores of its own).
+    """
+
+    workers: Optional[int] = None         # video-pass actors (and CPUs of an embedded Ray); None = all CPUs
+    analyse: StageResources = field(default_factory=lambda: StageResources(num_cpus=0.0))
+    video: StageResources = field(default_factory=lambda: StageResources(num_cpus=1.0, num_gpus=0.0))
+    # batch_size 1: a batch waits until it is full, and a source is sealed only when its last clip is back
+    head_pose: StageResources = field(default_factory=lambda: StageResources(num_cpus=0.0))
+    audio_features: StageResources = field(default_factory=lambda: StageResources(num_cpus=0.0))
+    write: StageResources = field(default_factory=lambda: StageResources(num_cpus=0.0))
+    object_store_memory: int = 768 * 1024 ** 2   # embedded Ray only: clips in flight, not the corpus
     worker_niceness: int = 0              # embedded Ray only; Ray's own default (15) starves workers on a busy machine
     max_restarts: int = -1                # Ray actor restarts after a worker process dies (-1 = always)
     max_task_retries: int = 1             # retries of a source on a restarted actor after a worker crash
     source_retries: int = 1               # extra driver-side rounds for sources still unfinished after a round
     max_failure_fraction: float = 1.0     # exit non-zero if more than this share of sources failed (1.0 = never)
-    crash_on_source: Optional[str] = None  # FAULT INJECTION (tests only): the worker calls os._exit(1) on this source_id
+    crash_on_source: Optional[str] = None  # FAULT INJECTION (tests only): the video worker calls os._exit(1) on this source_id
 
 
 _NESTED = {
@@ -167,4 +191,5 @@ _NESTED = {
     "AudioFeatureConfig": AudioFeatureConfig,
     "IdentityConfig": IdentityConfig,
     "ShardConfig": ShardConfig,
+    "StageResources": StageResources,
 }

@@ -259,7 +259,9 @@ def scan_tar_index(path: str) -> list[dict[str, Any]]:
 
 
 class StreamingTarWriter:
-    """Writes samples one at a time to ``path + '.tmp'``; ``close()`` renames it and writes the index.
+    """Writes samples one at a time to a temporary file beside ``path``; ``close()`` renames it
+    and writes the index. Temporary names carry the process id, so two attempts at the same
+    file (a retried Ray task) never write into one temporary file.
 
     Memory holds one sample at a time, whatever the number of samples. A shard that has its
     ``.index.json`` is complete: the tar is renamed first, the index written after it.
@@ -268,7 +270,7 @@ class StreamingTarWriter:
     def __init__(self, path: str, extra_index: Optional[dict] = None):
         self.path = path
         self.extra_index = extra_index or {}
-        self._tmp = path + ".tmp"
+        self._tmp = f"{path}.{os.getpid()}.tmp"
         self._fh = open(self._tmp, "wb")
         self._tf = tarfile.open(fileobj=self._fh, mode="w", format=tarfile.USTAR_FORMAT)
         self._now = time.time()
@@ -325,11 +327,12 @@ class StreamingTarWriter:
         }
         index.update(self.extra_index)
         index_path = index_path_for(self.path)
-        with open(index_path + ".tmp", "w") as fh:
+        index_tmp = f"{index_path}.{os.getpid()}.tmp"
+        with open(index_tmp, "w") as fh:
             json.dump(index, fh, default=_json_default)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(index_path + ".tmp", index_path)
+        os.replace(index_tmp, index_path)
         return index
 
 

@@ -1,53 +1,60 @@
-"""Ray executor: the same per-source stages as ``pipelines.local``, spread over a Ray actor pool.
+"""Ray executor: the stages of ``emo_data`` as a streaming Ray Data graph, one operator per stage.
 
-Wiring (see docs/ray.md for why and for measurements)::
+Wiring (docs/ray.md has the measurements)::
 
-    ray.data.from_items(unfinished sources, one block per source)
-      .map_batches(_SourceWorker, batch_size=1,
-                   compute=ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=1))
-      -> one small summary row per source, streamed back to the driver (progress bar)
-    finalize_corpus(...)   # identity clusters -> identity-disjoint splits -> final shards
+    ray.data.from_items(unfinished sources, longest first, one block each)
+      .map_batches(Analyse)        actor pool: probe, audio decode (16 kHz), speech activity / diarization
+      .map_batches(VideoPass)      actor pool: the single streaming pass over the frames (scene cuts, face
+                                   backend, clip selection, crop, mp4); a generator, so each clip leaves
+                                   the actor as soon as it is cut
+      .map_batches(head_pose)      CPU tasks: pose -> rotation speed -> speed buckets
+      .map_batches(AudioFeatures)  actor pool: wav2vec hidden states per frame (a GPU each when the cluster has GPUs)
+      .map_batches(write_samples)  CPU tasks: sample assembly, one staged part file per clip
+      -> the driver: a ledger per source; once every clip of a source is written it seals the source
+    finalize_corpus(...)           identity clusters -> identity-disjoint split -> final shards
 
-Each ``_SourceWorker`` actor holds one :class:`pipelines.local.SourcePipeline` (probe, audio
-decode, speech activity, the streaming video pass with its face backend, head pose, wav2vec,
-sample assembly), so every model is loaded once per actor. A source streams through it clip by
-clip into ``staging/<source_id>.tar``; only the clip being assembled is in memory, whatever the
-video's length. Nothing but a few-number summary row per source goes through the object store.
+Every model is loaded once per actor (``__init__``), never per item. Rows between operators are
+``{"source_id", "kind", "item"}``: ``item`` is a typed stage object (``ClipInFlight``, the
+source's ``analysed`` audio and speech, its ``end`` summary, or a ``failed`` row). Blocks are kept
+small (``DataContext.target_max_block_size``) so a clip is one block: memory in flight is a few
+clips per operator, bounded by Ray Data's backpressure, whatever a video's length; a source's
+audio track (64 KB/s) is the only per-source object.
+
+Staging and resume: the write tasks put each clip in ``staging/<source>/<key>.tar`` (temporary
+name, fsync, rename). The driver seals a source (rows, then the ``.done`` marker) only when its
+``end`` row and every clip key it lists have come back, so a marker always means "all parts are
+on disk". A re-run skips sealed sources and redoes the others from scratch.
 
 Fault isolation:
 
-- a Python exception or a :class:`StageError` on one source is caught inside ``SourcePipeline``
-  and becomes a ``failed`` manifest row (as in the local executor);
+- an exception or :class:`StageError` in any operator becomes a ``failed`` row naming the source
+  and the stage; the driver seals that source as failed (no samples) and the build goes on;
 - a worker *process* death (segfault or ``os._exit`` in a native library, OOM kill) kills the
-  actor: Ray restarts it (``max_restarts``) and retries the source (``max_task_retries``); once
-  those are spent, Ray Data drops that one block (``DataContext.max_errored_blocks = -1``) and the
-  dataset goes on. Sources still without a done marker after the round are run again in a new
-  round (``source_retries``); whatever is still unfinished then is sealed by the driver with a
-  ``failed`` row, reason ``worker_crash``, stage ``worker``.
-
-Resumability is the staging contract: a source with ``staging/<id>.done`` is complete (the
-marker is written last) and is skipped; anything else is redone from scratch. Finalisation
-rewrites every final shard from staging through a scratch folder, so re-running after a crash or
-``kill -9`` gives exactly the keys of an uninterrupted run.
+  actor: Ray restarts it (``max_restarts``) and retries the call (``max_task_retries``); once
+  spent, Ray Data drops that block (``max_errored_blocks = -1``) and goes on. Sources still unsealed
+  after a round run again in a new round (``source_retries``); whatever is unsealed then is sealed
+  by the driver with reason ``worker_crash``, stage ``worker``.
 
 Fault injection (tests only): ``ExecutorConfig.crash_on_source`` or the environment variable
-``EMO_FAULT_CRASH_SOURCE`` (read by the driver) names a source_id on which the worker process
-calls ``os._exit(1)`` before staging it, to exercise the crash path.
+``EMO_FAULT_CRASH_SOURCE`` (read by the driver) names a source_id on which the video-pass worker
+calls ``os._exit(1)``, to exercise the crash path; ``EMO_FAULT_STALL_SOURCE=<source_id>:<s>`` makes
+it sleep after each clip of that source, so a test can kill a build while a source is half staged.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import sys
 import time
 import warnings
-from dataclasses import asdict
-from typing import Any, Iterable, Optional
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable, Iterator, Optional
 
-from emo_data.config import BuildConfig, ExecutorConfig
+from emo_data.config import BuildConfig, ExecutorConfig, StageResources
 from emo_data.finalize import finalize_corpus
 from emo_data.manifest import ManifestRow, read_sources
-from emo_data.staging import SourceStagingWriter, done_marker, is_done, staging_dir
+from emo_data.staging import clear_source, is_done, seal_source, staging_dir
 from emo_data.types import Source
 
 from .local import BuildResult
@@ -55,42 +62,229 @@ from .local import BuildResult
 log = logging.getLogger("emo.build.ray")
 
 FAULT_ENV = "EMO_FAULT_CRASH_SOURCE"
+STALL_ENV = "EMO_FAULT_STALL_SOURCE"   # "<source_id>:<seconds>": the video worker sleeps after each clip of it
 # Environment passed on to the worker processes (matters on a cluster, where workers do not
 # inherit the driver's environment).
 _FORWARD_ENV = ("HF_HUB_OFFLINE", "HF_HOME", "TRANSFORMERS_OFFLINE", "TORCH_HOME", "EMO_SAMPLES_DIR", "RAY_AUTH_MODE")
+# One clip (mp4 + audio + arrays, ~1-4 MB) per block, so clips stream one by one.
+_BLOCK_BYTES = 256 * 1024
+
+ANALYSED, CLIP, END, FAILED, WRITTEN = "analysed", "clip", "end", "failed", "written"
 
 
-class _SourceWorker:
-    """Ray Data actor UDF: one ``SourcePipeline`` per actor, one source per call."""
+def _rows(rows: list[tuple[str, str, Any]]) -> dict[str, list]:
+    return {"source_id": [r[0] for r in rows], "kind": [r[1] for r in rows], "item": [r[2] for r in rows]}
 
-    def __init__(self, config_dict: dict, out_dir: str, crash_on_source: Optional[str] = None):
-        from pipelines.local import SourcePipeline
 
-        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-        self.out_dir = out_dir
-        self.crash_on_source = crash_on_source
-        self.pipeline = SourcePipeline(BuildConfig.from_dict(config_dict))
-        self.pipeline.setup()  # every model once per actor, before the first source
+def _worker_logging() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+# ------------------------------------------------------------------------------------------ operators
+class Analyse:
+    """Actor: probe, audio decode and speech activity (the speech model loads once per actor)."""
+
+    def __init__(self, config_dict: dict):
+        from emo_data.decode import AudioDecodeStage, ProbeStage
+        from emo_data.speech import SpeechActivityStage
+
+        _worker_logging()
+        config = BuildConfig.from_dict(config_dict)
+        self.probe, self.audio, self.speech = ProbeStage(), AudioDecodeStage(config.decode), SpeechActivityStage(config.speech)
+        for stage in (self.probe, self.audio, self.speech):
+            stage.ensure_setup()
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
-        out: dict[str, list] = {k: [] for k in ("source_id", "status", "clips", "kept_s", "duration_s", "start", "wall_s", "pid")}
+        from emo_data.clip_work import failed_row
+
+        out = []
         for payload in batch["source"]:
             source = Source(**json.loads(str(payload)))
-            if self.crash_on_source and source.source_id == self.crash_on_source:
-                os._exit(1)  # FAULT INJECTION: simulates a segfault in a native library
-            start = time.time()
-            summary = self.pipeline.run(source, self.out_dir)
-            with open(done_marker(self.out_dir, source.source_id)) as fh:
-                status = json.load(fh).get("status", "ok")
-            out["source_id"].append(source.source_id)
-            out["status"].append(status)
-            out["clips"].append(int(summary.get("clips", 0)))
-            out["kept_s"].append(float(summary.get("kept_s", 0.0)))
-            out["duration_s"].append(float(summary.get("duration_s", 0.0)))
-            out["start"].append(start)
-            out["wall_s"].append(time.time() - start)
-            out["pid"].append(os.getpid())
-        return out
+            stage, summary = "probe", {"duration_s": 0.0}
+            try:
+                probe = self.probe(source)
+                summary["duration_s"] = probe.duration_s
+                stage = "audio_decode"
+                audio = self.audio(source)
+                stage = "speech"
+                speech = self.speech(audio)
+                out.append((source.source_id, ANALYSED, {"source": source, "probe": probe, "audio": audio, "speech": speech}))
+            except Exception as exc:  # noqa: BLE001 - errors are rows
+                out.append((source.source_id, END, {"keys": [], "rows": [], "summary": summary, "failure": failed_row(source, stage, exc)}))
+        return _rows(out)
+
+
+class VideoPass:
+    """Actor: the single streaming pass over a source's frames (the face backend loads once per
+    actor). Yields each clip as soon as it is cut, then the source's ``end`` row."""
+
+    def __init__(self, config_dict: dict, crash_on_source: Optional[str] = None, stall: Optional[str] = None):
+        from emo_data.clips import VideoPassStage
+
+        _worker_logging()
+        self.config = BuildConfig.from_dict(config_dict)
+        self.crash_on_source = crash_on_source
+        self.stall_source, _, seconds = (stall or "").rpartition(":")
+        self.stall_s = float(seconds or 0)
+        self.video = VideoPassStage(self.config)
+        self.video.ensure_setup()
+
+    def __call__(self, batch: dict[str, Any]) -> Iterator[dict[str, list]]:
+        for source_id, kind, item in zip(batch["source_id"], batch["kind"], batch["item"]):
+            if kind != ANALYSED:
+                yield _rows([(source_id, kind, item)])
+                continue
+            yield from self._one(item)
+
+    def _one(self, analysed: dict[str, Any]) -> Iterator[dict[str, list]]:
+        from emo_data.clip_work import ClipInFlight, failed_row, rejected_row
+        from emo_data.clips import VideoPassInput, VideoPassSummary
+        from emo_data.types import ClipCandidate, RejectedSpan
+
+        source: Source = analysed["source"]
+        if self.crash_on_source and source.source_id == self.crash_on_source:
+            os._exit(1)  # FAULT INJECTION: simulates a segfault in a native library
+        keys: list[str] = []
+        rejected: list[dict] = []
+        summary: dict[str, Any] = {"duration_s": analysed["probe"].duration_s}
+        failure = None
+        try:
+            inp = VideoPassInput(source, analysed["probe"], analysed["audio"], analysed["speech"])
+            for item in self.video(inp):
+                if isinstance(item, ClipCandidate):
+                    keys.append(item.key)
+                    yield _rows([(source.source_id, CLIP, ClipInFlight(item))])
+                    if self.stall_s and source.source_id == self.stall_source:
+                        time.sleep(self.stall_s)  # FAULT INJECTION: a source that is slow to finish
+                elif isinstance(item, RejectedSpan):
+                    rejected.append(rejected_row(source, item))
+                elif isinstance(item, VideoPassSummary):
+                    summary.update(item.totals())
+        except Exception as exc:  # noqa: BLE001 - errors are rows
+            failure = failed_row(source, "video_pass", exc)
+        yield _rows([(source.source_id, END, {"keys": keys, "rows": rejected, "summary": summary, "failure": failure})])
+
+
+def _per_clip(batch: dict[str, Any], stage_name: str, fn) -> dict[str, list]:
+    """Apply ``fn`` to the clips of a batch; pass other rows through; an error is a ``failed`` row."""
+    from emo_data.clip_work import failed_row
+
+    out = []
+    for source_id, kind, item in zip(batch["source_id"], batch["kind"], batch["item"]):
+        if kind != CLIP:
+            out.append((source_id, kind, item))
+            continue
+        try:
+            out.append((source_id,) + fn(item))
+        except Exception as exc:  # noqa: BLE001 - errors are rows
+            out.append((source_id, FAILED, {"key": item.key, "row": failed_row(item.clip.source, stage_name, exc)}))
+    return _rows(out)
+
+
+def head_pose(batch: dict[str, Any], config_dict: dict) -> dict[str, list]:
+    """CPU task: head pose -> rotation speed -> speed buckets for each clip of the batch."""
+    from emo_data.clip_work import add_head_motion
+    from emo_data.pose import HeadPoseStage
+
+    config = BuildConfig.from_dict(config_dict)
+    stage = HeadPoseStage(config.speed)
+    return _per_clip(batch, "head_pose", lambda item: (CLIP, add_head_motion(item, stage, config.clip.crop_size)))
+
+
+class AudioFeatures:
+    """Actor: wav2vec hidden states per frame (the encoder loads once per actor; on the GPU Ray
+    assigned it, if any). Clips of different lengths run one by one: padding them into one batch
+    would change the features (wav2vec2-base normalises over time)."""
+
+    def __init__(self, config_dict: dict):
+        from emo_data.audio_features import AudioFeatureStage
+
+        _worker_logging()
+        config = BuildConfig.from_dict(config_dict)
+        feature_config = config.audio_features
+        try:
+            import ray
+
+            if ray.get_gpu_ids():
+                feature_config.device = "cuda"
+        except Exception:  # noqa: BLE001 - no Ray context: stay on the configured device
+            pass
+        self.stage = AudioFeatureStage(feature_config)
+        self.stage.ensure_setup()
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
+        from emo_data.clip_work import add_audio_features
+
+        return _per_clip(batch, "audio_features", lambda item: (CLIP, add_audio_features(item, self.stage)))
+
+
+def write_samples(batch: dict[str, Any], config_dict: dict, out_dir: str) -> dict[str, list]:
+    """CPU task: assemble each clip's sample and write it as a staged part file."""
+    from emo_data.clip_work import assemble_sample, clip_row
+    from emo_data.samples import SampleAssemblyStage
+    from emo_data.staging import write_staged_sample
+
+    config = BuildConfig.from_dict(config_dict)
+    assemble = SampleAssemblyStage(config)
+
+    def write(item):
+        sample = assemble_sample(item, assemble, config)
+        write_staged_sample(out_dir, item.clip.source.source_id, sample, config_dict)
+        return WRITTEN, {"key": item.key, "row": clip_row(item.clip, sample)}
+
+    return _per_clip(batch, "write", write)
+
+
+# ------------------------------------------------------------------------------------------ driver side
+@dataclass
+class _SourceState:
+    source: Source
+    end: Optional[dict[str, Any]] = None
+    written: dict[str, dict] = field(default_factory=dict)   # key -> clip manifest row
+    failures: dict[str, dict] = field(default_factory=dict)  # key -> failed row
+
+
+class _Ledger:
+    """Driver bookkeeping: collects each source's rows and seals it once all its clips are back."""
+
+    def __init__(self, sources: list[Source], out_dir: str):
+        self.out_dir = out_dir
+        self.state = {s.source_id: _SourceState(s) for s in sources}
+        self.sealed: list[tuple[str, str, dict[str, Any]]] = []  # (source_id, status, summary)
+
+    def restart(self, source_ids: Iterable[str]) -> None:
+        """Forget what came back for these sources (a new round redoes them from scratch)."""
+        for source_id in source_ids:
+            self.state[source_id] = _SourceState(self.state[source_id].source)
+
+    def add(self, source_id: str, kind: str, item: Any) -> Optional[tuple[str, dict[str, Any]]]:
+        """Record one output row; returns (status, summary) when this row completed its source."""
+        st = self.state.get(source_id)
+        if st is None or is_done(self.out_dir, source_id):
+            return None  # a retried block repeating a sealed source
+        if kind == END:
+            st.end = item
+        elif kind == WRITTEN:
+            st.written[item["key"]] = item["row"]
+        elif kind == FAILED:
+            st.failures[item["key"]] = item["row"]
+        if st.end is None or not set(st.end["keys"]) <= set(st.written) | set(st.failures):
+            return None
+        from emo_data.clip_work import order_rows
+
+        end = st.end
+        failure = end["failure"] or next((st.failures[k] for k in end["keys"] if k in st.failures), None)
+        if failure is not None:
+            summary = {"duration_s": end["summary"].get("duration_s", 0.0)}
+            seal_source(self.out_dir, source_id, [failure], summary, "failed")
+            status = "failed"
+        else:
+            rows = order_rows([st.written[k] for k in end["keys"]] + list(end["rows"]))
+            summary = end["summary"]
+            seal_source(self.out_dir, source_id, rows, summary, "ok")
+            status = "ok"
+        self.sealed.append((source_id, status, summary))
+        return status, summary
 
 
 def _cost(path: str, probe: bool) -> float:
@@ -120,7 +314,7 @@ def _start_ray(address: Optional[str], workers: Optional[int], executor: Executo
     if ray.is_initialized():
         return False
     if not log.isEnabledFor(logging.INFO):
-        # A user watching the progress bar does not need Ray Data's notices; `emo-data -v` shows them.
+        # A user watching the progress bars does not need Ray Data's notices; `emo-data -v` shows them.
         logging.getLogger("ray.data").setLevel(logging.ERROR)
     env = {k: os.environ[k] for k in _FORWARD_ENV if k in os.environ}
     runtime_env = {"env_vars": env} if env else None
@@ -156,80 +350,125 @@ def _check_reachable(address: str, timeout_s: float = 10.0) -> None:
         raise RuntimeError(f"cannot reach a Ray head at {address} ({exc}); start one with `ray start --head --port=...`") from exc
 
 
-def _num_gpus(config: BuildConfig, executor: ExecutorConfig) -> float:
-    if executor.num_gpus_per_worker is not None:
-        return float(executor.num_gpus_per_worker)
-    if not config.audio_features.enabled:
-        return 0.0
-    try:
-        import torch
+@dataclass
+class _Plan:
+    """Resolved resources per operator for this cluster."""
 
-        return 1.0 if torch.cuda.is_available() else 0.0
-    except ImportError:
-        return 0.0
+    video_actors: int
+    analyse_actors: int
+    feature_actors: int
+    task_concurrency: int
+    feature_gpus: float
+    analyse_gpus: float
 
 
-def _map_sources(ds, config: BuildConfig, executor: ExecutorConfig, out_dir: str, workers: int):
+def _plan(config: BuildConfig, executor: ExecutorConfig, sources: int) -> _Plan:
+    import ray
+
+    resources = ray.cluster_resources()
+    cpus, gpus = resources.get("CPU", 1.0), resources.get("GPU", 0.0)
+    video = executor.workers or max(1, int(cpus // max(executor.video.num_cpus, 1e-3)))
+    video = max(1, min(executor.video.concurrency or video, sources))
+
+    def gpus_for(stage: StageResources, uses_model: bool) -> float:
+        if stage.num_gpus is not None:
+            return float(stage.num_gpus)
+        return 1.0 if uses_model and gpus > 0 else 0.0
+
+    feature_gpus = gpus_for(executor.audio_features, config.audio_features.enabled)
+    analyse_gpus = gpus_for(executor.analyse, config.speech.backend == "pyannote")
+    # Light stages: a quarter (speech) or half (wav2vec on CPU) as many actors as video passes,
+    # measured to keep up on the samples; one per GPU when they run on GPUs.
+    features = executor.audio_features.concurrency or (max(1, int(gpus // feature_gpus)) if feature_gpus else max(1, video // 2))
+    analyse = executor.analyse.concurrency or (max(1, int(gpus // analyse_gpus)) if analyse_gpus else max(1, video // 4))
+    return _Plan(video_actors=video, analyse_actors=min(analyse, sources), feature_actors=features,
+                 task_concurrency=max(1, video), feature_gpus=feature_gpus, analyse_gpus=analyse_gpus)
+
+
+def _graph(sources: list[Source], config: BuildConfig, executor: ExecutorConfig, out_dir: str, plan: _Plan):
     import ray.data
 
-    return ds.map_batches(
-        _SourceWorker,
-        fn_constructor_kwargs={
-            "config_dict": config.to_dict(),
-            "out_dir": out_dir,
-            "crash_on_source": executor.crash_on_source,
-        },
-        batch_size=1,
-        compute=ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=1),
-        num_cpus=executor.num_cpus_per_worker,
-        num_gpus=_num_gpus(config, executor),
-        max_restarts=executor.max_restarts,
-        max_task_retries=executor.max_task_retries,
+    config_dict = config.to_dict()
+    items = [{"source": json.dumps(asdict(s))} for s in sources]
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    actor_args = dict(max_restarts=executor.max_restarts, max_task_retries=executor.max_task_retries)
+    ds = ds.map_batches(
+        Analyse, fn_constructor_kwargs={"config_dict": config_dict}, batch_size=1,
+        compute=ray.data.ActorPoolStrategy(size=plan.analyse_actors, max_tasks_in_flight_per_actor=1),
+        num_cpus=executor.analyse.num_cpus, num_gpus=plan.analyse_gpus, **actor_args,
     )
+    ds = ds.map_batches(
+        VideoPass, fn_constructor_kwargs={"config_dict": config_dict, "crash_on_source": executor.crash_on_source,
+                                              "stall": os.environ.get(STALL_ENV)},
+        batch_size=1,
+        compute=ray.data.ActorPoolStrategy(size=plan.video_actors, max_tasks_in_flight_per_actor=1),
+        num_cpus=executor.video.num_cpus, num_gpus=executor.video.num_gpus or 0.0, **actor_args,
+    )
+    ds = ds.map_batches(
+        head_pose, fn_kwargs={"config_dict": config_dict}, batch_size=executor.head_pose.batch_size,
+        num_cpus=executor.head_pose.num_cpus, concurrency=executor.head_pose.concurrency or plan.task_concurrency,
+    )
+    if config.audio_features.enabled:
+        ds = ds.map_batches(
+            AudioFeatures, fn_constructor_kwargs={"config_dict": config_dict},
+            batch_size=executor.audio_features.batch_size,
+            compute=ray.data.ActorPoolStrategy(size=plan.feature_actors, max_tasks_in_flight_per_actor=1),
+            num_cpus=executor.audio_features.num_cpus, num_gpus=plan.feature_gpus, **actor_args,
+        )
+    ds = ds.map_batches(
+        write_samples, fn_kwargs={"config_dict": config_dict, "out_dir": out_dir},
+        batch_size=executor.write.batch_size, num_cpus=executor.write.num_cpus,
+        concurrency=executor.write.concurrency or plan.task_concurrency,
+    )
+    return ds
 
 
-def _run_round(sources: list[Source], out_dir: str, config: BuildConfig, executor: ExecutorConfig,
-               workers: int, bar, totals: dict[str, float], timeline: list[dict]) -> None:
-    import ray
+def _run_round(sources: list[Source], out_dir: str, config: BuildConfig, executor: ExecutorConfig, plan: _Plan,
+               ledger: _Ledger, bar, stage_bars: bool, totals: dict[str, float], timeline: list[dict], t0: float) -> None:
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
-    ctx.max_errored_blocks = -1          # a crashed source drops its block, not the build
-    ctx.enable_progress_bars = False     # our own bar below counts sources, clips and footage
+    ctx.max_errored_blocks = -1                     # a crashed source drops its blocks, not the build
+    ctx.target_max_block_size = _BLOCK_BYTES        # one clip per block: clips stream one by one
+    ctx.enable_fallback_to_arrow_object_ext_type = True  # stage objects travel as Python objects
+    ctx.enable_progress_bars = stage_bars           # Ray Data's live bar per operator (= per stage)
+    ctx.enable_operator_progress_bars = stage_bars
+    ctx.print_on_execution_start = False
     if not log.isEnabledFor(logging.INFO):
         logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "bars disabled" notice
-    ctx.print_on_execution_start = False
-    items = [{"source": json.dumps(asdict(s))} for s in sources]
-    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    for source in sources:
+        clear_source(out_dir, source.source_id)  # parts of an interrupted attempt
+    ledger.restart(s.source_id for s in sources)
     with warnings.catch_warnings():
         # max_restarts / max_task_retries only exist as **ray_remote_args in Ray 2.60 (deprecated
         # for removal in 2.64; revisit when upgrading).
         warnings.simplefilter("ignore", DeprecationWarning)
-        ds = _map_sources(ds, config, executor, out_dir, workers)
+        ds = _graph(sources, config, executor, out_dir, plan)
     for row in ds.iter_rows():
-        timeline.append({"source_id": row["source_id"], "pid": int(row["pid"]), "start": float(row["start"]),
-                         "wall_s": round(float(row["wall_s"]), 3), "duration_s": float(row["duration_s"])})
-        totals["clips"] += row["clips"]
-        totals["kept_s"] += row["kept_s"]
-        totals["in_s"] += row["duration_s"]
-        if row["status"] != "ok":
-            totals["failed"] += 1
+        done = ledger.add(row["source_id"], row["kind"], row["item"])
+        if done is None:
+            continue
+        status, summary = done
+        timeline.append({"source_id": row["source_id"], "sealed_at": round(time.time() - t0, 3),
+                         "duration_s": float(summary.get("duration_s", 0.0)), "status": status})
+        totals["clips"] += summary.get("clips", 0)
+        totals["kept_s"] += summary.get("kept_s", 0.0)
+        totals["in_s"] += summary.get("duration_s", 0.0)
+        totals["failed"] += status != "ok"
         if bar is not None:
             bar.set_postfix(clips=int(totals["clips"]), kept=f"{totals['kept_s']:.0f}s", failed=int(totals["failed"]))
             bar.update(1)
 
 
-def _seal_crashed(source: Source, out_dir: str, config: BuildConfig, attempts: int) -> None:
-    for leftover in (os.path.join(staging_dir(out_dir), f"{source.source_id}.tar.tmp"),):
-        if os.path.exists(leftover):
-            os.remove(leftover)
+def _seal_crashed(source: Source, out_dir: str, attempts: int) -> None:
     row = ManifestRow(
         status="failed", source_id=source.source_id, path=source.path, kind=source.kind, language=source.language,
         licence=source.licence, reason="worker_crash", stage="worker",
-        detail=f"the worker process died while staging this source ({attempts} round(s), each with Ray actor "
+        detail=f"a worker process died while handling this source ({attempts} round(s), each with Ray actor "
                "restarts/task retries); see the Ray worker logs (e.g. /tmp/ray/session_latest/logs)",
     ).to_dict()
-    SourceStagingWriter(out_dir, source, config.to_dict()).seal([row], {"duration_s": 0.0}, "failed")
+    clear_source(out_dir, source.source_id)
+    seal_source(out_dir, source.source_id, [row], {"duration_s": 0.0}, "failed")
 
 
 def build_corpus_ray(
@@ -241,7 +480,7 @@ def build_corpus_ray(
     progress: bool = True,
     executor: Optional[ExecutorConfig] = None,
 ) -> BuildResult:
-    """Build a corpus with Ray: stage every unfinished source on an actor pool, then finalise.
+    """Build a corpus with Ray Data: stream every unfinished source through the stage graph, then finalise.
 
     ``address=None`` starts an embedded local Ray with ``workers`` (default: all) CPUs;
     ``"auto"`` / ``"ray://host:10001"`` / ``"host:port"`` join a running cluster, whose workers
@@ -270,25 +509,27 @@ def build_corpus_ray(
     totals = {"clips": 0.0, "kept_s": 0.0, "in_s": 0.0, "failed": 0.0}
     rounds = 0
     timeline: list[dict] = []
+    plan = None
     if todo:
         started = _start_ray(address, executor.workers, executor)
         try:
-            import ray
-
-            cpus = ray.cluster_resources().get("CPU", 1.0)
-            pool = executor.workers or max(1, int(cpus // executor.num_cpus_per_worker))
-            with tqdm(total=len(todo), unit="video", disable=not progress, desc="build (ray)", dynamic_ncols=True) as bar:
+            plan = _plan(config, executor, len(todo))
+            ledger = _Ledger(todo, out_dir)
+            # Ray Data draws one live bar per operator (stage) on a terminal; below them ours
+            # counts sealed sources, clips, kept footage and failures.
+            stage_bars = progress and sys.stderr.isatty()
+            with tqdm(total=len(todo), unit="video", disable=not progress, desc="sources sealed", dynamic_ncols=True) as bar:
                 for rounds in range(1, executor.source_retries + 2):
                     remaining = [s for s in todo if not is_done(out_dir, s.source_id)]
                     if not remaining:
                         rounds -= 1
                         break
                     if rounds > 1:
-                        log.warning("round %d: %d source(s) unfinished after a worker crash, retrying", rounds, len(remaining))
-                    _run_round(remaining, out_dir, config, executor, max(1, min(pool, len(remaining))), bar, totals, timeline)
+                        log.warning("round %d: %d source(s) unsealed after a worker crash, retrying", rounds, len(remaining))
+                    _run_round(remaining, out_dir, config, executor, plan, ledger, bar, stage_bars, totals, timeline, start)
                 for source in todo:
                     if not is_done(out_dir, source.source_id):
-                        _seal_crashed(source, out_dir, config, rounds)
+                        _seal_crashed(source, out_dir, rounds)
                         bar.update(1)
         finally:
             if started:
@@ -297,8 +538,9 @@ def build_corpus_ray(
                 ray.shutdown()
     summary = finalize_corpus(out_dir, [s.source_id for s in sources], config, wall_s=time.time() - start)
     _note_executor(out_dir, {"executor": "ray", "address": address or "embedded", "workers": executor.workers,
+                             "plan": asdict(plan) if plan else None, "executor_config": executor.to_dict(),
                              "rounds": rounds, "processed": len(todo), "skipped": len(sources) - len(todo),
-                             "sources": [dict(t, start=round(t["start"] - start, 3)) for t in timeline]})
+                             "sources": timeline})
     return BuildResult(summary=summary, out_dir=out_dir, processed=len(todo), skipped=len(sources) - len(todo))
 
 

@@ -98,13 +98,17 @@ def test_kill_minus_9_then_resume_gives_the_clean_keys(tmp_path, subset_manifest
     out = tmp_path / "resumed"
     cmd = CLI + ["build", subset_manifest, "--out", str(out), "--no-audio-features", "-q", "--executor", "ray", "--workers", "1"]
     env = dict(os.environ, RAY_AUTH_MODE="disabled", HF_HUB_OFFLINE="1")
+    # FAULT INJECTION hook (pipelines/ray_build.py): the worker sleeps after each clip of this
+    # source, so the kill lands while it is half staged (a part on disk, no done marker).
+    stalled = "v-express__RD_Radio10_0_clip_0"
     # Own session: the kill takes the driver and the embedded Ray it started, like a lost machine.
-    proc = subprocess.Popen(cmd, cwd=str(REPO), env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, cwd=str(REPO), env=dict(env, EMO_FAULT_STALL_SOURCE=f"{stalled}:60"),
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     staging = out / "staging"
     try:
         deadline = time.time() + 150
         while time.time() < deadline and proc.poll() is None:
-            if staging.is_dir() and any(p.suffix == ".done" for p in staging.iterdir()):
+            if staging.is_dir() and any(p.suffix == ".done" for p in staging.iterdir()) and list(staging.glob(f"{stalled}/*.tar")):
                 break
             time.sleep(0.05)
         assert proc.poll() is None, "the build ended before it could be killed"
@@ -113,6 +117,7 @@ def test_kill_minus_9_then_resume_gives_the_clean_keys(tmp_path, subset_manifest
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
+    assert not (staging / f"{stalled}.done").exists()  # a part on disk, the source unsealed
     done_at_kill = sorted(p.stem for p in staging.iterdir() if p.suffix == ".done")
     assert 1 <= len(done_at_kill) < len(SUBSET), done_at_kill
     assert not (out / "manifest.parquet").exists()
