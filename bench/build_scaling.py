@@ -9,6 +9,11 @@ run is printed so a disturbed run can be spotted.
     python bench/build_scaling.py                          # the 11 samples, no wav2vec
     python bench/build_scaling.py --copies 3 --repeat 2    # each sample 3x (distinct ids)
     python bench/build_scaling.py --audio-encoder DIR      # with wav2vec features
+    python bench/build_scaling.py --variants ray1c1,ray2   # 1 worker on 1 core vs 2 workers on 2
+
+Variants: ``local`` (in-process), ``rayN`` (``--workers N``, all cores visible: the light stages
+of a 1-worker build still run beside it on the other core), ``rayNcK`` (``--workers N`` with the
+whole build pinned to K cores by CPU affinity: a K-core machine).
 """
 from __future__ import annotations
 
@@ -42,14 +47,18 @@ def make_manifest(src: str, copies: int, dst: str) -> str:
 def run(manifest: str, out: str, variant: str, audio_encoder: str | None) -> tuple[float, float, float]:
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, "-m", "emo_data.cli", "build", manifest, "--out", out, "-q"]
+    cores = None
     if variant == "local":
         cmd += ["--executor", "local"]
     else:
-        cmd += ["--executor", "ray", "--workers", variant[-1]]
+        workers, _, pinned = variant[len("ray"):].partition("c")
+        cmd += ["--executor", "ray", "--workers", workers]
+        cores = int(pinned) if pinned else None
     cmd += ["--audio-encoder", audio_encoder] if audio_encoder else ["--no-audio-features"]
     env = dict(os.environ, RAY_AUTH_MODE="disabled", HF_HUB_OFFLINE="1")
     start, cpu0 = time.time(), resource.getrusage(resource.RUSAGE_CHILDREN)
-    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    pin = (lambda: os.sched_setaffinity(0, set(range(cores)))) if cores else None  # children inherit it
+    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, preexec_fn=pin)
     wall = time.time() - start
     cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
@@ -78,12 +87,14 @@ def main() -> None:
                 load = os.getloadavg()[0]
                 wall, seconds_in, cpu = run(manifest, os.path.join(work, variant), variant, args.audio_encoder)
                 walls.setdefault(variant, []).append(wall)
-                print(f"run {rep + 1} {variant:<5}  wall {wall:6.1f} s  {seconds_in / wall:5.2f} s footage/wall s  "
+                print(f"run {rep + 1} {variant:<6}  wall {wall:6.1f} s  {seconds_in / wall:5.2f} s footage/wall s  "
                       f"CPU {cpu:6.1f} s (reaped processes)  ({seconds_in:.1f} s footage, load avg before {load:.1f})", flush=True)
         med = {v: statistics.median(w) for v, w in walls.items()}
         print("median wall: " + ", ".join(f"{v} {w:.1f} s" for v, w in med.items()))
         if "ray1" in med and "ray2" in med:
             print(f"ray 2 workers vs 1 worker: {med['ray1'] / med['ray2']:.2f}x")
+        if "ray1c1" in med and "ray2" in med:
+            print(f"ray 2 workers on 2 cores vs 1 worker on 1 core: {med['ray1c1'] / med['ray2']:.2f}x")
         if "local" in med:
             for v in ("ray1", "ray2"):
                 if v in med:

@@ -174,6 +174,7 @@ class ExecutorConfig(ConfigBase):
     write: StageResources = field(default_factory=lambda: StageResources(num_cpus=0.0))
     object_store_memory: int = 768 * 1024 ** 2   # embedded Ray only: clips in flight, not the corpus
     worker_niceness: int = 0              # embedded Ray only; Ray's own default (15) starves workers on a busy machine
+    idle_workers: Optional[int] = None    # embedded Ray only: idle worker processes kept for reuse; None = 4 x workers + 4
     max_restarts: int = -1                # Ray actor restarts after a worker process dies (-1 = always)
     max_task_retries: int = 1             # retries of a source on a restarted actor after a worker crash
     source_retries: int = 1               # extra driver-side rounds for sources still unfinished after a round

@@ -330,7 +330,13 @@ def _start_ray(address: Optional[str], workers: Optional[int], executor: Executo
             runtime_env=runtime_env,
             # Ray runs workers at nice 15; the in-process executor runs at 0, and on a shared
             # machine nice-15 workers lose most of the CPU to anyone else's work.
-            _system_config={"worker_niceness": executor.worker_niceness},
+            _system_config={
+                "worker_niceness": executor.worker_niceness,
+                # Keep idle task workers: by default Ray kills idle workers beyond one per CPU, and
+                # with the actor pools holding those slots every per-clip task then paid for a new
+                # Python worker (measured: a third of both cores went to worker start-up).
+                "num_workers_soft_limit": executor.idle_workers or 4 * int(workers or os.cpu_count() or 1) + 4,
+            },
             logging_level=logging.WARNING,
         )
     return True
@@ -399,14 +405,15 @@ def _graph(sources: list[Source], config: BuildConfig, executor: ExecutorConfig,
     )
     ds = ds.map_batches(
         VideoPass, fn_constructor_kwargs={"config_dict": config_dict, "crash_on_source": executor.crash_on_source,
-                                              "stall": os.environ.get(STALL_ENV)},
+                                          "stall": os.environ.get(STALL_ENV)},
         batch_size=1,
         compute=ray.data.ActorPoolStrategy(size=plan.video_actors, max_tasks_in_flight_per_actor=1),
         num_cpus=executor.video.num_cpus, num_gpus=executor.video.num_gpus or 0.0, **actor_args,
     )
     ds = ds.map_batches(
         head_pose, fn_kwargs={"config_dict": config_dict}, batch_size=executor.head_pose.batch_size,
-        num_cpus=executor.head_pose.num_cpus, concurrency=executor.head_pose.concurrency or plan.task_concurrency,
+        num_cpus=executor.head_pose.num_cpus,
+        compute=ray.data.TaskPoolStrategy(size=executor.head_pose.concurrency or plan.task_concurrency),
     )
     if config.audio_features.enabled:
         ds = ds.map_batches(
@@ -418,7 +425,7 @@ def _graph(sources: list[Source], config: BuildConfig, executor: ExecutorConfig,
     ds = ds.map_batches(
         write_samples, fn_kwargs={"config_dict": config_dict, "out_dir": out_dir},
         batch_size=executor.write.batch_size, num_cpus=executor.write.num_cpus,
-        concurrency=executor.write.concurrency or plan.task_concurrency,
+        compute=ray.data.TaskPoolStrategy(size=executor.write.concurrency or plan.task_concurrency),
     )
     return ds
 
@@ -458,6 +465,11 @@ def _run_round(sources: list[Source], out_dir: str, config: BuildConfig, executo
         if bar is not None:
             bar.set_postfix(clips=int(totals["clips"]), kept=f"{totals['kept_s']:.0f}s", failed=int(totals["failed"]))
             bar.update(1)
+    try:  # Ray Data's per-operator timings: where the wall time of this build went
+        with open(os.path.join(out_dir, "ray_stats.txt"), "a") as fh:
+            fh.write(ds.stats() + "\n")
+    except Exception as exc:  # noqa: BLE001 - diagnostics only
+        log.info("no Ray Data stats: %s", exc)
 
 
 def _seal_crashed(source: Source, out_dir: str, attempts: int) -> None:
