@@ -5,8 +5,9 @@ Makes the videos with PyAV by re-encoding the 512x512, 25 fps talking-head sampl
 sync holds), then runs ``emo-data build`` on each as a subprocess and samples, every 0.2 s with
 psutil, the RSS of every process descending from it:
 
-- ``worker``: the Ray actor process(es) running the source (``ray::MapWorker(...)``), the number
-  that must not grow with video length;
+- ``worker``: the largest Ray worker process of the stage graph (``ray::MapWorker(MapBatches(X))``
+  actors and ``MapBatches(X)`` tasks), the number that must not grow with video length, and the
+  peak per operator X (VideoPass, Analyse, AudioFeatures, head_pose, write_samples);
 - ``all``: the sum over the driver, raylet, GCS and every worker (a whole-machine view);
 - for ``--executor local`` the one build process.
 
@@ -116,6 +117,7 @@ class RssSampler(threading.Thread):
         self.root_pid, self.interval = root_pid, interval
         self.peak_all = self.peak_worker = self.peak_root = 0
         self.worker_pids: set[int] = set()
+        self.peak_by_stage: dict[str, int] = {}
         self._halt = threading.Event()
 
     def run(self) -> None:
@@ -138,9 +140,11 @@ class RssSampler(threading.Thread):
                 except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                     continue
                 total += rss
-                if "MapWorker" in name or "_SourceWorker" in name:
+                if "MapBatches(" in name:
                     worker = max(worker, rss)
                     self.worker_pids.add(p.pid)
+                    stage = name.split("MapBatches(", 1)[1].split(")", 1)[0]
+                    self.peak_by_stage[stage] = max(self.peak_by_stage.get(stage, 0), rss)
                 if p.pid == self.root_pid:
                     self.peak_root = max(self.peak_root, rss)
             self.peak_all = max(self.peak_all, total)
@@ -173,7 +177,7 @@ def run_build(video: str, out: str, executor: str, audio_encoder: str | None) ->
         raise SystemExit(f"build failed ({proc.returncode}):\n{stderr[-3000:]}")
     clips = next((line for line in stdout.splitlines() if line.startswith("footage")), "")
     return {"wall": wall, "all": sampler.peak_all, "worker": sampler.peak_worker, "root": sampler.peak_root,
-            "workers_seen": len(sampler.worker_pids), "footage": clips}
+            "workers_seen": len(sampler.worker_pids), "footage": clips, "by_stage": dict(sampler.peak_by_stage)}
 
 
 def main() -> None:
@@ -199,13 +203,19 @@ def main() -> None:
                 results.append((minutes, executor, r))
                 peak = r["worker"] if executor == "ray" else r["root"]
                 print(f"{minutes:>4g} min  {executor:<5}  wall {r['wall']:6.1f} s  {minutes * 60 / r['wall']:.2f} s footage/wall s  "
-                      f"peak RSS: source worker {peak / mib:7.0f} MiB, all processes {r['all'] / mib:7.0f} MiB  | {r['footage']}", flush=True)
+                      f"peak RSS: largest worker {peak / mib:7.0f} MiB, driver {r['root'] / mib:5.0f} MiB, "
+                      f"all processes {r['all'] / mib:7.0f} MiB  | {r['footage']}", flush=True)
+                if r["by_stage"]:
+                    print("           per stage: " + ", ".join(f"{k} {v / mib:.0f} MiB" for k, v in sorted(r["by_stage"].items())), flush=True)
         for executor in ["ray", "local"]:
             rows = [(m, r) for m, e, r in results if e == executor]
             if len(rows) >= 2:
                 key = "worker" if executor == "ray" else "root"
                 (m0, r0), (m1, r1) = rows[0], rows[-1]
-                print(f"{executor}: peak source-worker RSS {m1:g} min / {m0:g} min = {r1[key] / r0[key]:.2f}x")
+                print(f"{executor}: peak {'largest-worker' if executor == 'ray' else 'process'} RSS {m1:g} min / {m0:g} min = {r1[key] / r0[key]:.2f}x")
+                if executor == "ray":
+                    for stage in sorted(set(r0["by_stage"]) & set(r1["by_stage"])):
+                        print(f"       {stage}: {r1['by_stage'][stage] / r0['by_stage'][stage]:.2f}x")
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)

@@ -1,0 +1,77 @@
+"""The Ray build's driver-side ledger: a source is sealed (rows, then done marker) only when its
+end row and every clip it lists are back, in whatever order the operators deliver them."""
+from __future__ import annotations
+
+import os
+
+from emo_data.schema import StreamingTarWriter
+from emo_data.staging import is_done, part_path, parts_dir, read_staged
+from emo_data.types import Source
+from pipelines.ray_build import END, FAILED, WRITTEN, _Ledger
+from shard_fixtures import make_sample
+
+
+def _source(name: str) -> Source:
+    return Source(path=f"/videos/{name}.mp4", source_id=name, kind="talk", language="en")
+
+
+def _clip_row(source_id: str, index: int, start_s: float) -> dict:
+    return {"status": "clip", "source_id": source_id, "path": f"/videos/{source_id}.mp4", "key": f"{source_id}_{index:05d}",
+            "start_s": start_s, "end_s": start_s + 1.6, "duration_s": 1.6}
+
+
+def _write_part(out: str, source_id: str, index: int) -> str:
+    key, members, meta = make_sample(index, frames=8, with_audio_emb=False, source_id=source_id)
+    key = f"{source_id}_{index:05d}"
+    os.makedirs(parts_dir(out, source_id), exist_ok=True)
+    writer = StreamingTarWriter(part_path(out, source_id, key))
+    writer.write(key, members, dict(meta, key=key))
+    writer.close()
+    return key
+
+
+def test_source_is_sealed_only_when_every_clip_is_back_in_any_order(tmp_path):
+    out = str(tmp_path)
+    src = _source("talk_a")
+    ledger = _Ledger([src], out)
+    k0, k1 = _write_part(out, "talk_a", 0), _write_part(out, "talk_a", 1)
+    rejected = {"status": "rejected", "source_id": "talk_a", "path": src.path, "start_s": 0.0, "end_s": 0.5,
+                "duration_s": 0.5, "reason": "no_face"}
+    # the second clip's write comes back before the source's end row, the first one after it
+    assert ledger.add("talk_a", WRITTEN, {"key": k1, "row": _clip_row("talk_a", 1, 3.0)}) is None
+    assert ledger.add("talk_a", END, {"keys": [k0, k1], "rows": [rejected], "summary": {"duration_s": 6.0, "clips": 2},
+                                      "failure": None}) is None
+    assert not is_done(out, "talk_a")
+    status, summary = ledger.add("talk_a", WRITTEN, {"key": k0, "row": _clip_row("talk_a", 0, 1.0)})
+    assert status == "ok" and summary["clips"] == 2 and is_done(out, "talk_a")
+    rows = read_staged(out, "talk_a")["rows"]
+    assert [(r["status"], r.get("key")) for r in rows] == [("rejected", None), ("clip", k0), ("clip", k1)]
+    # a retried block repeating the source changes nothing
+    assert ledger.add("talk_a", WRITTEN, {"key": k0, "row": _clip_row("talk_a", 0, 1.0)}) is None
+
+
+def test_a_failed_clip_fails_its_source_and_drops_its_parts(tmp_path):
+    out = str(tmp_path)
+    ledger = _Ledger([_source("talk_b")], out)
+    k0, k1 = _write_part(out, "talk_b", 0), _write_part(out, "talk_b", 1)
+    failed = {"status": "failed", "source_id": "talk_b", "path": "/videos/talk_b.mp4", "reason": "exception",
+              "stage": "audio_features", "detail": "RuntimeError: boom"}
+    ledger.add("talk_b", WRITTEN, {"key": k0, "row": _clip_row("talk_b", 0, 0.0)})
+    ledger.add("talk_b", END, {"keys": [k0, k1], "rows": [], "summary": {"duration_s": 4.0}, "failure": None})
+    status, _ = ledger.add("talk_b", FAILED, {"key": k1, "row": failed})
+    assert status == "failed"
+    rows = read_staged(out, "talk_b")["rows"]
+    assert len(rows) == 1 and rows[0]["stage"] == "audio_features" and rows[0]["reason"] == "exception"
+    assert not os.path.exists(parts_dir(out, "talk_b"))
+
+
+def test_source_level_failure_seals_at_once_and_restart_forgets(tmp_path):
+    out = str(tmp_path)
+    ledger = _Ledger([_source("bad"), _source("later")], out)
+    failure = {"status": "failed", "source_id": "bad", "path": "/videos/bad.mp4", "reason": "unreadable", "stage": "probe"}
+    assert ledger.add("bad", END, {"keys": [], "rows": [], "summary": {"duration_s": 0.0}, "failure": failure})[0] == "failed"
+    k0 = _write_part(out, "later", 0)
+    ledger.add("later", END, {"keys": [k0], "rows": [], "summary": {"duration_s": 2.0}, "failure": None})
+    ledger.restart(["later"])  # a new round redoes the source: what came back before is forgotten
+    assert ledger.add("later", WRITTEN, {"key": k0, "row": _clip_row("later", 0, 0.0)}) is None
+    assert not is_done(out, "later")
