@@ -132,27 +132,52 @@ class AudioDecodeStage(Stage[Source, AudioTrack]):
 
         rate = self.config.audio_sample_rate
         resampler = av.AudioResampler(format="flt", layout="mono", rate=rate)
-        chunks: list[np.ndarray] = []
         start_s: Optional[float] = None
         with _open(source.path) as container:
             if not container.streams.audio:
                 raise StageError("no_audio_stream", f"{source.path}: no audio stream")
             stream = container.streams.audio[0]
+            # One buffer sized from the header and grown if the header was short: the track is
+            # held once (64 KB per second), not as chunks plus a concatenated copy.
+            duration = float(container.duration or 0) / 1e6
+            buffer = _GrowingBuffer(int(duration * rate) + rate)
             try:
                 for packet in container.demux(stream):
                     for frame in packet.decode():
                         if start_s is None:
                             start_s = float(frame.time) if frame.time is not None else _stream_start(stream)
                         for out in resampler.resample(frame):
-                            chunks.append(out.to_ndarray().reshape(-1))
+                            buffer.append(out.to_ndarray().reshape(-1))
                 for out in resampler.resample(None):
-                    chunks.append(out.to_ndarray().reshape(-1))
+                    buffer.append(out.to_ndarray().reshape(-1))
             except av.error.FFmpegError as exc:
                 raise StageError("corrupt_audio", f"{source.path}: audio decoding failed: {exc}") from exc
-        samples = np.concatenate(chunks).astype(np.float32) if chunks else np.zeros(0, np.float32)
+        samples = buffer.array()
         if samples.size == 0:
             raise StageError("no_audio_stream", f"{source.path}: audio stream holds no decodable samples")
         return AudioTrack(samples=samples, sample_rate=rate, start_s=start_s or 0.0)
+
+
+class _GrowingBuffer:
+    """A float32 array filled in place, doubled when full; ``array()`` returns the filled part."""
+
+    def __init__(self, capacity: int):
+        self._data = np.empty(max(int(capacity), 1024), np.float32)
+        self._size = 0
+
+    def append(self, chunk: np.ndarray) -> None:
+        end = self._size + len(chunk)
+        if end > len(self._data):
+            grown = np.empty(max(end, 2 * len(self._data)), np.float32)
+            grown[: self._size] = self._data[: self._size]
+            self._data = grown
+        self._data[self._size : end] = chunk
+        self._size = end
+
+    def array(self) -> np.ndarray:
+        if self._size < len(self._data) // 2:  # header overestimated: do not keep the slack
+            return self._data[: self._size].copy()
+        return self._data[: self._size]
 
 
 def _rotate(image: np.ndarray, rotation: int) -> np.ndarray:

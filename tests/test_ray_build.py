@@ -190,7 +190,9 @@ def test_cluster_mode_on_loopback(tmp_path, subset_manifest):
         while "Ray runtime started" not in (tmp_path / "head.log").read_text():
             assert head.poll() is None and time.time() < deadline, (tmp_path / "head.log").read_text()[-3000:]
             time.sleep(0.5)
-        manifest = _write_manifest(tmp_path / "two.csv", SUBSET[2:])
+        # one source as an fsspec URL: cluster workers open it through fsspec, not a local path
+        manifest = _write_manifest(tmp_path / "two.csv", SUBSET[3:],
+                                   [{"path": "file://" + sample(SUBSET[2][0]), "kind": "talk", "language": "en", "licence": ""}])
         out = tmp_path / "cluster_out"
         cmd = CLI + ["build", manifest, "--out", str(out), "--no-audio-features", "-q", "--executor", "ray",
                      "--address", f"127.0.0.1:{port}"]
@@ -199,6 +201,8 @@ def test_cluster_mode_on_loopback(tmp_path, subset_manifest):
         m = _manifest(str(out))
         assert set(m.source_id) == {"v-express__RD_Radio10_0_clip_0", "imageio__realshort"}
         assert (m.status == "clip").sum() >= 1 and not (m.status == "failed").any()
+        assert m[m.source_id == "v-express__RD_Radio10_0_clip_0"].path.iloc[0].startswith("file://")
+        assert (m[m.source_id == "v-express__RD_Radio10_0_clip_0"].status == "clip").any()
         _shard_keys(str(out))
     finally:
         # Only the process group started above (never `ray stop`, which would stop every Ray of
