@@ -315,6 +315,16 @@ class SpeechActivityStage(Stage[AudioTrack, list[SpeechSegment]]):
         self.backend_info["pyannote_pipeline"] = str(where)
 
     # ---------------------------------------------------------------- raw detection
+    def to(self, device: str) -> "SpeechActivityStage":
+        """Run the diarization pipeline on ``device`` (e.g. the GPU a Ray actor was given);
+        silero stays on the CPU, where it is fast enough."""
+        self.ensure_setup()
+        if self.config.backend == "pyannote" and self._model is not None:
+            import torch
+
+            self._model.to(torch.device(device))
+        return self
+
     def detect(self, samples: np.ndarray) -> tuple[list[Span], list[Span]]:
         """Raw spans on the track timeline: ``(speech spans, blocking turns)``.
 

@@ -76,6 +76,16 @@ def _rows(rows: list[tuple[str, str, Any]]) -> dict[str, list]:
     return {"source_id": [r[0] for r in rows], "kind": [r[1] for r in rows], "item": [r[2] for r in rows]}
 
 
+def _assigned_gpu() -> bool:
+    """Did Ray give this actor a GPU? (num_gpus > 0 in its operator's resources)"""
+    try:
+        import ray
+
+        return bool(ray.get_gpu_ids())
+    except Exception:  # noqa: BLE001 - no Ray context: stay on the configured device
+        return False
+
+
 def _worker_logging() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
@@ -93,6 +103,8 @@ class Analyse:
         self.probe, self.audio, self.speech = ProbeStage(), AudioDecodeStage(config.decode), SpeechActivityStage(config.speech)
         for stage in (self.probe, self.audio, self.speech):
             stage.ensure_setup()
+        if _assigned_gpu():
+            self.speech.to("cuda")  # diarization on the GPU Ray gave this actor
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
         from emo_data.clip_work import failed_row
@@ -202,13 +214,8 @@ class AudioFeatures:
         _worker_logging()
         config = BuildConfig.from_dict(config_dict)
         feature_config = config.audio_features
-        try:
-            import ray
-
-            if ray.get_gpu_ids():
-                feature_config.device = "cuda"
-        except Exception:  # noqa: BLE001 - no Ray context: stay on the configured device
-            pass
+        if _assigned_gpu():
+            feature_config.device = "cuda"
         self.stage = AudioFeatureStage(feature_config)
         self.stage.ensure_setup()
 
