@@ -75,3 +75,18 @@ def test_source_level_failure_seals_at_once_and_restart_forgets(tmp_path):
     ledger.restart(["later"])  # a new round redoes the source: what came back before is forgotten
     assert ledger.add("later", WRITTEN, {"key": k0, "row": _clip_row("later", 0, 0.0)}) is None
     assert not is_done(out, "later")
+
+
+def test_shipped_executor_configs_load():
+    import glob
+    import json
+
+    from conftest import REPO
+    from emo_data.config import ExecutorConfig, StageResources
+
+    paths = sorted(glob.glob(str(REPO / "configs" / "executor-*.json")))
+    assert paths
+    for path in paths:
+        with open(path) as fh:
+            config = ExecutorConfig.from_dict(json.load(fh))
+        assert isinstance(config.audio_features, StageResources) and config.audio_features.concurrency == 8
