@@ -294,6 +294,35 @@ class _Ledger:
         return status, summary
 
 
+class _SealProgress:
+    """What the user sees of sealed sources: a tqdm bar, or (while Ray Data's per-stage display is
+    live on a terminal) one printed line per sealed source."""
+
+    def __init__(self, total: int, enabled: bool, stage_bars: bool):
+        from tqdm import tqdm
+
+        self.total, self.done, self.enabled, self.lines = total, 0, enabled, stage_bars
+        self._bar = None if (stage_bars or not enabled) else tqdm(total=total, unit="video", desc="sources sealed", dynamic_ncols=True)
+
+    def sealed(self, source_id: str, status: str, summary: dict[str, Any], totals: dict[str, float]) -> None:
+        self.done += 1
+        if self._bar is not None:
+            self._bar.set_postfix(clips=int(totals["clips"]), kept=f"{totals['kept_s']:.0f}s", failed=int(totals["failed"]))
+            self._bar.update(1)
+        elif self.enabled:
+            clips = int(summary.get("clips", 0))
+            what = f"{clips} clip{'' if clips == 1 else 's'}, {summary.get('kept_s', 0.0):.1f} s kept" if status == "ok" else "failed (see manifest)"
+            print(f"sealed {self.done}/{self.total} {source_id}: {what}  (total {int(totals['clips'])} clips, "
+                  f"{totals['kept_s']:.0f} s kept, {int(totals['failed'])} failed)", file=sys.stderr, flush=True)
+
+    def __enter__(self) -> "_SealProgress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
 def _cost(path: str, probe: bool) -> float:
     """Rough work estimate for longest-first ordering: seconds x sqrt(pixels / 512^2) from the
     container header (decode cost grows with resolution), else the file size."""
@@ -447,6 +476,8 @@ def _run_round(sources: list[Source], out_dir: str, config: BuildConfig, executo
     ctx.enable_fallback_to_arrow_object_ext_type = True  # stage objects travel as Python objects
     ctx.enable_progress_bars = stage_bars           # Ray Data's live bar per operator (= per stage)
     ctx.enable_operator_progress_bars = stage_bars
+    ctx.enable_rich_progress_bars = True           # compact: one table row per operator
+    ctx.use_ray_tqdm = False
     ctx.print_on_execution_start = False
     if not log.isEnabledFor(logging.INFO):
         logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "bars disabled" notice
@@ -469,9 +500,7 @@ def _run_round(sources: list[Source], out_dir: str, config: BuildConfig, executo
         totals["kept_s"] += summary.get("kept_s", 0.0)
         totals["in_s"] += summary.get("duration_s", 0.0)
         totals["failed"] += status != "ok"
-        if bar is not None:
-            bar.set_postfix(clips=int(totals["clips"]), kept=f"{totals['kept_s']:.0f}s", failed=int(totals["failed"]))
-            bar.update(1)
+        bar.sealed(row["source_id"], status, summary, totals)
     try:  # Ray Data's per-operator timings: where the wall time of this build went
         with open(os.path.join(out_dir, "ray_stats.txt"), "a") as fh:
             fh.write(ds.stats() + "\n")
@@ -505,8 +534,6 @@ def build_corpus_ray(
     ``"auto"`` / ``"ray://host:10001"`` / ``"host:port"`` join a running cluster, whose workers
     must see ``out_dir`` (a shared filesystem) and have this package installed.
     """
-    from tqdm import tqdm
-
     config = config or BuildConfig()
     executor = executor or ExecutorConfig()
     if workers is not None:
@@ -534,10 +561,10 @@ def build_corpus_ray(
         try:
             plan = _plan(config, executor, len(todo))
             ledger = _Ledger(todo, out_dir)
-            # Ray Data draws one live bar per operator (stage) on a terminal; below them ours
-            # counts sealed sources, clips, kept footage and failures.
-            stage_bars = progress and sys.stderr.isatty()
-            with tqdm(total=len(todo), unit="video", disable=not progress, desc="sources sealed", dynamic_ncols=True) as bar:
+            # On a terminal Ray Data draws a live bar per operator (stage) and sealed sources are
+            # printed above it, one line each; elsewhere one tqdm bar counts sealed sources.
+            stage_bars = progress and sys.stderr.isatty() and sys.stdout.isatty()
+            with _SealProgress(len(todo), progress, stage_bars) as bar:
                 for rounds in range(1, executor.source_retries + 2):
                     remaining = [s for s in todo if not is_done(out_dir, s.source_id)]
                     if not remaining:
@@ -549,7 +576,7 @@ def build_corpus_ray(
                 for source in todo:
                     if not is_done(out_dir, source.source_id):
                         _seal_crashed(source, out_dir, rounds)
-                        bar.update(1)
+                        bar.sealed(source.source_id, "failed", {"duration_s": 0.0}, totals)
         finally:
             if started:
                 import ray
