@@ -25,16 +25,13 @@ class SourcePipeline:
     """All per-source stages, each set up once; ``run(source)`` stages one source completely."""
 
     def __init__(self, config: BuildConfig, face_backend=None):
+        from emo_data.analysis import SourceAnalysisStage
         from emo_data.clips import VideoPassStage
-        from emo_data.decode import AudioDecodeStage, ProbeStage
         from emo_data.pose import HeadPoseStage
         from emo_data.samples import SampleAssemblyStage
-        from emo_data.speech import SpeechActivityStage
 
         self.config = config
-        self.probe = ProbeStage()
-        self.audio = AudioDecodeStage(config.decode)
-        self.speech = SpeechActivityStage(config.speech)
+        self.analyse = SourceAnalysisStage(config)
         self.video = VideoPassStage(config, face_backend=face_backend)
         self.pose = HeadPoseStage(config.speed)
         self.assemble = SampleAssemblyStage(config)
@@ -45,7 +42,7 @@ class SourcePipeline:
             self.features = AudioFeatureStage(config.audio_features)
 
     def setup(self) -> None:
-        for stage in (self.probe, self.audio, self.speech, self.video, self.pose, self.assemble, self.features):
+        for stage in (self.analyse, self.video, self.pose, self.assemble, self.features):
             if stage is not None:
                 stage.ensure_setup()
 
@@ -55,22 +52,25 @@ class SourcePipeline:
             ClipInFlight, add_audio_features, add_head_motion, assemble_sample, clip_row, failed_row, order_rows,
             rejected_row,
         )
+        from emo_data.analysis import SourceAnalysisError
         from emo_data.clips import VideoPassInput, VideoPassSummary
 
         self.setup()
         writer = SourceStagingWriter(out_dir, source, self.config.to_dict())
         rows: list[dict[str, Any]] = []
         summary: dict[str, Any] = {"duration_s": 0.0}
-        stage = "probe"
+        stage = "analyse"
         try:
-            probe = self.probe(source)
-            summary["duration_s"] = probe.duration_s
-            stage = "audio_decode"
-            audio = self.audio(source)
-            stage = "speech"
-            speech = self.speech(audio)
+            try:
+                analysed = self.analyse(source)
+            except SourceAnalysisError as exc:
+                summary["duration_s"] = exc.duration_s
+                writer.abort()
+                writer.seal([failed_row(source, exc.stage, exc.cause)], summary, "failed")
+                return summary
+            summary["duration_s"] = analysed.probe.duration_s
             stage = "video_pass"
-            for item in self.video(VideoPassInput(source, probe, audio, speech)):
+            for item in self.video(VideoPassInput(source, analysed.probe, analysed.audio, analysed.speech)):
                 if isinstance(item, ClipCandidate):
                     work = ClipInFlight(item)
                     stage = "head_pose"

@@ -95,34 +95,26 @@ class Analyse:
     """Actor: probe, audio decode and speech activity (the speech model loads once per actor)."""
 
     def __init__(self, config_dict: dict):
-        from emo_data.decode import AudioDecodeStage, ProbeStage
-        from emo_data.speech import SpeechActivityStage
+        from emo_data.analysis import SourceAnalysisStage
 
         _worker_logging()
-        config = BuildConfig.from_dict(config_dict)
-        self.probe, self.audio, self.speech = ProbeStage(), AudioDecodeStage(config.decode), SpeechActivityStage(config.speech)
-        for stage in (self.probe, self.audio, self.speech):
-            stage.ensure_setup()
+        self.analyse = SourceAnalysisStage(BuildConfig.from_dict(config_dict))
+        self.analyse.ensure_setup()
         if _assigned_gpu():
-            self.speech.to("cuda")  # diarization on the GPU Ray gave this actor
+            self.analyse.speech.to("cuda")  # diarization on the GPU Ray gave this actor
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
+        from emo_data.analysis import SourceAnalysisError
         from emo_data.clip_work import failed_row
 
         out = []
         for payload in batch["source"]:
             source = Source(**json.loads(str(payload)))
-            stage, summary = "probe", {"duration_s": 0.0}
             try:
-                probe = self.probe(source)
-                summary["duration_s"] = probe.duration_s
-                stage = "audio_decode"
-                audio = self.audio(source)
-                stage = "speech"
-                speech = self.speech(audio)
-                out.append((source.source_id, ANALYSED, {"source": source, "probe": probe, "audio": audio, "speech": speech}))
-            except Exception as exc:  # noqa: BLE001 - errors are rows
-                out.append((source.source_id, END, {"keys": [], "rows": [], "summary": summary, "failure": failed_row(source, stage, exc)}))
+                out.append((source.source_id, ANALYSED, self.analyse(source)))
+            except SourceAnalysisError as exc:
+                failure = failed_row(source, exc.stage, exc.cause)
+                out.append((source.source_id, END, {"keys": [], "rows": [], "summary": {"duration_s": exc.duration_s}, "failure": failure}))
         return _rows(out)
 
 
@@ -148,20 +140,21 @@ class VideoPass:
                 continue
             yield from self._one(item)
 
-    def _one(self, analysed: dict[str, Any]) -> Iterator[dict[str, list]]:
+    def _one(self, analysed) -> Iterator[dict[str, list]]:
+        """``analysed``: an :class:`emo_data.analysis.AnalysedSource`."""
         from emo_data.clip_work import ClipInFlight, failed_row, rejected_row
         from emo_data.clips import VideoPassInput, VideoPassSummary
         from emo_data.types import ClipCandidate, RejectedSpan
 
-        source: Source = analysed["source"]
+        source: Source = analysed.source
         if self.crash_on_source and source.source_id == self.crash_on_source:
             os._exit(1)  # FAULT INJECTION: simulates a segfault in a native library
         keys: list[str] = []
         rejected: list[dict] = []
-        summary: dict[str, Any] = {"duration_s": analysed["probe"].duration_s}
+        summary: dict[str, Any] = {"duration_s": analysed.probe.duration_s}
         failure = None
         try:
-            inp = VideoPassInput(source, analysed["probe"], analysed["audio"], analysed["speech"])
+            inp = VideoPassInput(source, analysed.probe, analysed.audio, analysed.speech)
             for item in self.video(inp):
                 if isinstance(item, ClipCandidate):
                     keys.append(item.key)
