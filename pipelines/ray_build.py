@@ -397,14 +397,11 @@ class _Plan:
     analyse_gpus: float
 
 
-def _plan(config: BuildConfig, executor: ExecutorConfig, sources: int) -> _Plan:
-    import ray
-
-    resources = ray.cluster_resources()
-    cpus, gpus = resources.get("CPU", 1.0), resources.get("GPU", 0.0)
-    video = executor.workers or max(1, int(cpus // max(executor.video.num_cpus, 1e-3)))
-    video = max(1, min(executor.video.concurrency or video, sources))
-
+def _plan(config: BuildConfig, executor: ExecutorConfig, sources: int, cpus: float, gpus: float) -> _Plan:
+    """Actors per pool for a cluster with ``cpus`` / ``gpus``. Every pool needs at least one
+    actor at once (Ray Data starts them up front), so the reservations must fit together: video
+    actors are cut down to fit, and a configuration that cannot fit at all is an error now
+    rather than a build that waits forever for resources."""
     def gpus_for(stage: StageResources, uses_model: bool) -> float:
         if stage.num_gpus is not None:
             return float(stage.num_gpus)
@@ -412,11 +409,30 @@ def _plan(config: BuildConfig, executor: ExecutorConfig, sources: int) -> _Plan:
 
     feature_gpus = gpus_for(executor.audio_features, config.audio_features.enabled)
     analyse_gpus = gpus_for(executor.analyse, config.speech.backend == "pyannote")
-    # Light stages: a quarter (speech) or half (wav2vec on CPU) as many actors as video passes,
-    # measured to keep up on the samples; one per GPU when they run on GPUs.
+    video = executor.workers or max(1, int(cpus // max(executor.video.num_cpus, 1e-3)))
+    video = max(1, min(executor.video.concurrency or video, sources))
+    # Light stages: a quarter (speech) or half (wav2vec on CPU) as many actors as video passes
+    # (one wav2vec actor kept up with two video passes in bench/build_scaling.py); one per GPU
+    # when they run on GPUs.
     features = executor.audio_features.concurrency or (max(1, int(gpus // feature_gpus)) if feature_gpus else max(1, video // 2))
-    analyse = executor.analyse.concurrency or (max(1, int(gpus // analyse_gpus)) if analyse_gpus else max(1, video // 4))
-    return _Plan(video_actors=video, analyse_actors=min(analyse, sources), feature_actors=features,
+    analyse = min(executor.analyse.concurrency or (max(1, int(gpus // analyse_gpus)) if analyse_gpus else max(1, video // 4)), sources)
+    if not config.audio_features.enabled:
+        features = 0
+
+    def cpus_needed(v: int) -> float:
+        return (v * executor.video.num_cpus + analyse * executor.analyse.num_cpus
+                + features * executor.audio_features.num_cpus)
+
+    while video > 1 and cpus_needed(video) > cpus + 1e-6:
+        video -= 1
+    gpus_needed = features * feature_gpus + analyse * analyse_gpus + video * (executor.video.num_gpus or 0.0)
+    if cpus_needed(video) > cpus + 1e-6 or gpus_needed > gpus + 1e-6:
+        raise RuntimeError(
+            f"the stage resources do not fit the cluster: {video} video-pass, {analyse} analyse and "
+            f"{features} audio-feature actors need {cpus_needed(video):g} CPUs and {gpus_needed:g} GPUs, "
+            f"the cluster has {cpus:g} CPUs and {gpus:g} GPUs; lower num_cpus / num_gpus / concurrency "
+            "in --executor-config (see docs/ray.md)")
+    return _Plan(video_actors=video, analyse_actors=analyse, feature_actors=max(features, 1),
                  task_concurrency=max(1, video), feature_gpus=feature_gpus, analyse_gpus=analyse_gpus)
 
 
@@ -552,7 +568,10 @@ def build_corpus_ray(
     if todo:
         started = _start_ray(address, executor.workers, executor)
         try:
-            plan = _plan(config, executor, len(todo))
+            import ray
+
+            resources = ray.cluster_resources()
+            plan = _plan(config, executor, len(todo), resources.get("CPU", 1.0), resources.get("GPU", 0.0))
             ledger = _Ledger(todo, out_dir)
             # On a terminal Ray Data draws a live bar per operator (stage) and sealed sources are
             # printed above it, one line each; elsewhere one tqdm bar counts sealed sources.

@@ -90,3 +90,23 @@ def test_shipped_executor_configs_load():
         with open(path) as fh:
             config = ExecutorConfig.from_dict(json.load(fh))
         assert isinstance(config.audio_features, StageResources) and config.audio_features.concurrency == 8
+
+
+def test_plan_fits_the_pools_into_the_cluster_or_says_why():
+    import pytest
+
+    from emo_data.config import BuildConfig, ExecutorConfig
+    from pipelines.ray_build import _plan
+
+    config = BuildConfig()
+    plan = _plan(config, ExecutorConfig(), sources=30, cpus=8, gpus=0)
+    assert (plan.video_actors, plan.feature_actors, plan.analyse_actors, plan.feature_gpus) == (8, 4, 2, 0.0)
+    on_gpus = _plan(config, ExecutorConfig(), sources=30, cpus=8, gpus=2)
+    assert on_gpus.feature_gpus == 1.0 and on_gpus.feature_actors == 2 and on_gpus.analyse_gpus == 0.0
+    # wav2vec asking for 2 CPUs per actor on a 4-CPU machine: video actors make room for it
+    executor = ExecutorConfig.from_dict({"audio_features": {"num_cpus": 2, "concurrency": 1}})
+    assert _plan(config, executor, sources=30, cpus=4, gpus=0).video_actors == 2
+    # one wav2vec actor alone needs more than the machine has: an error that names the knobs
+    executor = ExecutorConfig.from_dict({"audio_features": {"num_cpus": 4, "concurrency": 1}})
+    with pytest.raises(RuntimeError, match="do not fit"):
+        _plan(config, executor, sources=30, cpus=2, gpus=0)
