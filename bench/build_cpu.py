@@ -6,6 +6,10 @@ name, with the wall time. Processes that end between two samples lose at most 0.
 CPU time, so the total is a slight underestimate.
 
     python bench/build_cpu.py -- manifests/samples.csv --out /tmp/cpu --workers 2 --no-audio-features
+    python bench/build_cpu.py --copies 3 -- manifests/samples.csv --out /tmp/cpu --workers 2 --audio-encoder DIR
+
+``--copies N`` builds every source of the manifest N times under distinct ids (as
+``bench/build_scaling.py --copies N`` does).
 """
 from __future__ import annotations
 
@@ -31,10 +35,21 @@ def main() -> None:
     import psutil
 
     args = sys.argv[1:]
+    copies = 1
+    if args[:1] == ["--copies"]:
+        copies, args = int(args[1]), args[2:]
     if args and args[0] == "--":
         args = args[1:]
     if not args:
         raise SystemExit(__doc__)
+    if copies > 1:
+        import tempfile
+
+        sys.path.insert(0, REPO)
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from build_scaling import make_manifest
+
+        args[0] = make_manifest(args[0], copies, os.path.join(tempfile.mkdtemp(prefix="emo_cpu_"), "sources.csv"))
     cmd = [sys.executable, "-m", "emo_data.cli", "build", "-q"] + args
     env = dict(os.environ, RAY_AUTH_MODE="disabled", HF_HUB_OFFLINE="1")
     start = time.time()
