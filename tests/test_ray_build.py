@@ -164,6 +164,49 @@ def test_crashing_worker_becomes_a_row_and_failure_fraction_exits_nonzero(tmp_pa
     assert "resumed   3 sources were already done, 0 processed now" in capsys.readouterr().out
 
 
+def test_bad_inputs_become_rows_on_ray_and_nothing_sealed_is_lost(tmp_path):
+    """Empty, garbage, truncated and audio-less files through the Ray graph: a failed row each,
+    naming the file, the stage and the reason; the good source's clips are kept. A re-run with a
+    new bad file added processes only that file and keeps everything already sealed."""
+    import av
+
+    from emo_data.config import BuildConfig
+    from pipelines.ray_build import build_corpus_ray
+
+    good = sample(SUBSET[2][0])
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(good, folder / "good.mp4")
+    (folder / "zero.mp4").write_bytes(b"")
+    data = open(good, "rb").read()
+    (folder / "truncated.mp4").write_bytes(data[: len(data) // 4])
+    with av.open(good) as src, av.open(str(folder / "silent_film.mp4"), "w") as dst:
+        out_stream = dst.add_stream_from_template(src.streams.video[0])
+        for packet in src.demux(src.streams.video[0]):
+            if packet.dts is not None:
+                packet.stream = out_stream
+                dst.mux(packet)
+    config = BuildConfig()
+    config.audio_features.enabled = False
+    out = str(tmp_path / "out")
+    build_corpus_ray(str(folder), out, config, workers=2, progress=False)
+    m = _manifest(out)
+    failed = m[m.status == "failed"].set_index("source_id")
+    assert failed.loc["zero", "reason"] == "empty_file" and failed.loc["zero", "stage"] == "probe"
+    assert failed.loc["silent_film", "reason"] == "no_audio_stream"
+    assert failed.loc["truncated", "reason"] in {"unreadable", "corrupt_video", "corrupt_audio"}
+    for source_id, row in failed.iterrows():
+        assert row.path.endswith(f"{source_id}.mp4") and row.detail
+    keys_before = _shard_keys(out)
+    assert keys_before and all(k.startswith("good_") for k in keys_before)
+
+    (folder / "garbage.mp4").write_bytes(os.urandom(20_000))
+    result = build_corpus_ray(str(folder), out, config, workers=2, progress=False)
+    assert (result.processed, result.skipped) == (1, 4)
+    assert _manifest(out).set_index("source_id").loc["garbage", "reason"] == "unreadable"
+    assert sorted(_shard_keys(out)) == sorted(keys_before)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
