@@ -489,7 +489,10 @@ def _run_round(sources: list[Source], out_dir: str, config: BuildConfig, executo
     ctx.use_ray_tqdm = False
     ctx.print_on_execution_start = False
     if not log.isEnabledFor(logging.INFO):
-        logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "bars disabled" notice
+        # "bars disabled" and "execution finished" notices: Ray Data configures these loggers
+        # when it is imported, so quieten them here rather than at start-up.
+        for name in ("ray.data._internal.progress", "ray.data._internal.execution.streaming_executor"):
+            logging.getLogger(name).setLevel(logging.ERROR)
     for source in sources:
         clear_source(out_dir, source.source_id)  # parts of an interrupted attempt
     ledger.restart(s.source_id for s in sources)
