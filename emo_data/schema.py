@@ -30,7 +30,6 @@ import io
 import json
 import os
 import tarfile
-import time
 import wave
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Optional
@@ -239,11 +238,17 @@ def shard_name(split: str, index: int) -> str:
     return f"{split}-{index:06d}.tar"
 
 
-def _tarinfo(name: str, size: int, mtime: float) -> tarfile.TarInfo:
+# Every member header is the same apart from name and size (no wall-clock mtime, no user ids),
+# so the same samples always give the same tar bytes and a re-run can be checked with a digest.
+MEMBER_MTIME = 0
+
+
+def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
     info = tarfile.TarInfo(name)
     info.size = size
-    info.mtime = int(mtime)
+    info.mtime = MEMBER_MTIME
     info.mode = 0o644
+    info.uid = info.gid = 0
     info.uname = info.gname = "emo"
     return info
 
@@ -273,7 +278,6 @@ class StreamingTarWriter:
         self._tmp = f"{path}.{os.getpid()}.tmp"
         self._fh = open(self._tmp, "wb")
         self._tf = tarfile.open(fileobj=self._fh, mode="w", format=tarfile.USTAR_FORMAT)
-        self._now = time.time()
         self._digests: dict[str, dict[str, str]] = {}
         self._metas: list[tuple[str, dict[str, Any]]] = []
         self.bytes_written = 0
@@ -291,7 +295,7 @@ class StreamingTarWriter:
             if member not in members:
                 continue
             data = members[member]
-            self._tf.addfile(_tarinfo(f"{key}.{member}", len(data), self._now), io.BytesIO(data))
+            self._tf.addfile(_tarinfo(f"{key}.{member}", len(data)), io.BytesIO(data))
             self._digests[key][member] = hashlib.sha256(data).hexdigest()
             self.bytes_written += len(data) + 512
         self._metas.append((key, meta))
