@@ -28,9 +28,21 @@ def _from_dict(cls, data: dict[str, Any]):
     return cls(**kwargs)
 
 
+def _redact_secrets(config, data: dict[str, Any]) -> dict[str, Any]:
+    """Blank every field marked ``metadata={"secret": True}`` (tokens, credentials), at any depth."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if f.metadata.get("secret"):
+            data[f.name] = None
+        elif dataclasses.is_dataclass(value) and isinstance(data.get(f.name), dict):
+            _redact_secrets(value, data[f.name])
+    return data
+
+
 class ConfigBase:
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)  # type: ignore[call-overload]
+        """The config as stored with every output: secrets are never part of it."""
+        return _redact_secrets(self, dataclasses.asdict(self))  # type: ignore[call-overload]
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
@@ -57,7 +69,10 @@ class SpeechConfig(ConfigBase):
     min_silence_s: float = 0.6      # shorter pauses are bridged: a clip may hold a breath
     pad_s: float = 0.1
     pyannote_pipeline: Optional[str] = None  # local dir / config.yaml / hub id of a diarization pipeline
-    pyannote_token: Optional[str] = None
+    # A credential, not a setting: never stored (to_dict() writes None). Prefer the environment:
+    # PYANNOTE_TOKEN or HF_TOKEN. A value set here is used by this process, and the Ray build
+    # hands it to its workers as PYANNOTE_TOKEN.
+    pyannote_token: Optional[str] = field(default=None, repr=False, metadata={"secret": True})
 
 
 @dataclass
@@ -179,6 +194,9 @@ class ExecutorConfig(ConfigBase):
     max_task_retries: int = 1             # retries of a source on a restarted actor after a worker crash
     source_retries: int = 1               # extra driver-side rounds for sources still unfinished after a round
     max_failure_fraction: float = 1.0     # exit non-zero if more than this share of sources failed (1.0 = never)
+    # Stall watchdog: a round with no output row for this long ends the build; every source not
+    # yet sealed becomes a failed row (reason "stalled"). A clip or a sealed source counts as output.
+    stall_timeout_s: float = 900.0
     crash_on_source: Optional[str] = None  # FAULT INJECTION (tests only): the video worker calls os._exit(1) on this source_id
 
 

@@ -289,7 +289,8 @@ class SpeechActivityStage(Stage[AudioTrack, list[SpeechSegment]]):
                 "torchaudio/torchcodec wheels match, e.g. `pip install torch==2.14.1 "
                 "pyannote.audio==4.0.7` (see docs/diarization.md), or use --speech-backend silero."
             ) from exc
-        token = cfg.pyannote_token or os.environ.get("HF_TOKEN") or None
+        # Tokens come from the environment (never from a stored config: to_dict() drops them).
+        token = cfg.pyannote_token or os.environ.get("PYANNOTE_TOKEN") or os.environ.get("HF_TOKEN") or None
         try:
             pipeline = Pipeline.from_pretrained(where, token=token)
         except Exception as exc:
