@@ -25,6 +25,9 @@ class Source:
     language: str = "und"
     licence: str = ""
     identity: Optional[str] = None  # optional speaker/identity id given by the manifest
+    # Which audio stream holds the voice, counted among the file's audio streams from 0; None =
+    # the stream flagged default (else the first). A manifest column ``audio_stream`` sets it.
+    audio_stream: Optional[int] = None
 
 
 @dataclass
