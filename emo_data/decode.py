@@ -78,6 +78,27 @@ def _stream_start(stream) -> float:
     return float(stream.start_time * stream.time_base)
 
 
+def select_audio_stream(container, source: Source):
+    """The stream that holds the voice: ``source.audio_stream`` (an index among the file's audio
+    streams) when the manifest names one, else the stream flagged *default* (players pick that
+    one: with a silent or music stream first and the speech second, the speech is the default),
+    else the first. None when the file has no audio stream."""
+    import av
+
+    streams = list(container.streams.audio)
+    if not streams:
+        return None
+    if source.audio_stream is not None:
+        if not 0 <= source.audio_stream < len(streams):
+            raise StageError("no_audio_stream", f"{source.path}: the manifest asks for audio_stream "
+                             f"{source.audio_stream}, the file has {len(streams)} audio stream(s) (0-based)")
+        return streams[source.audio_stream]
+    for stream in streams:
+        if stream.disposition & av.stream.Disposition.default:
+            return stream
+    return streams[0]
+
+
 class ProbeStage(Stage[Source, ProbeInfo]):
     """Source -> stream facts. Raises StageError for files that cannot become training data."""
 
@@ -93,7 +114,7 @@ class ProbeStage(Stage[Source, ProbeInfo]):
                 raise StageError("empty_file", f"{source.path}: zero bytes")
         with _open(source.path) as container:
             video = container.streams.video[0] if container.streams.video else None
-            audio = container.streams.audio[0] if container.streams.audio else None
+            audio = select_audio_stream(container, source)
             duration = float(container.duration / 1_000_000) if container.duration else 0.0
             info = ProbeInfo(path=source.path, duration_s=duration, has_video=video is not None, has_audio=audio is not None)
             if video is not None:
@@ -134,9 +155,9 @@ class AudioDecodeStage(Stage[Source, AudioTrack]):
         resampler = av.AudioResampler(format="flt", layout="mono", rate=rate)
         start_s: Optional[float] = None
         with _open(source.path) as container:
-            if not container.streams.audio:
+            stream = select_audio_stream(container, source)
+            if stream is None:
                 raise StageError("no_audio_stream", f"{source.path}: no audio stream")
-            stream = container.streams.audio[0]
             # One buffer sized from the header and grown if the header was short: the track is
             # held once (64 KB per second), not as chunks plus a concatenated copy.
             duration = float(container.duration or 0) / 1e6
