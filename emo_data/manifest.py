@@ -4,6 +4,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import os
+import re
 from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
@@ -23,22 +24,82 @@ def _resolve(path: str, base_dir: str) -> str:
     return os.path.normpath(os.path.join(base_dir, path))
 
 
-def _unique_ids(sources: list[Source]) -> list[Source]:
-    """Same-named files in different folders get a short path hash so keys never collide."""
-    counts: dict[str, int] = {}
-    for s in sources:
-        counts[s.source_id] = counts.get(s.source_id, 0) + 1
-    for s in sources:
-        if counts[s.source_id] > 1:
-            s.source_id = f"{s.source_id}-{hashlib.sha1(s.path.encode()).hexdigest()[:8]}"
-    return sources
+# A source id names staging folders and starts every sample key (``<source_id>_<clip:05d>``):
+# WebDataset splits keys at the first dot and a slash would nest folders, so only these.
+SOURCE_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,160}$")
 
 
-def read_sources(spec: str) -> list[Source]:
+class ManifestError(ValueError):
+    """A source manifest that cannot be built from; the message names the row."""
+
+
+def _path_hash(basis: str) -> str:
+    return hashlib.sha1(basis.encode("utf-8")).hexdigest()[:8]
+
+
+@dataclass
+class _Entry:
+    source: Source
+    explicit: bool      # the manifest gave the source_id
+    basis: str          # the path as the manifest / folder names it: what a colliding id hashes
+    where: str          # "sources.csv row 3" for messages
+
+
+def _assign_ids(entries: list[_Entry], previous: Optional[dict[str, str]] = None) -> list[Source]:
+    """Unique ids, decided by a rule that does not depend on manifest order:
+
+    - a ``source_id`` given by the manifest is used as is (validated, unique);
+    - otherwise the file name's stem; when two sources would share it, *each* of them gets
+      ``<stem>-<8 hex of sha1(path)>`` instead, whichever comes first;
+    - ``previous`` (id -> path of sources already sealed in the output folder) wins over both
+      for its path, so adding a same-named file never renames a key that exists.
+    """
+    previous = previous or {}
+    taken: dict[str, _Entry] = {}
+    for e in entries:
+        if not e.explicit:
+            continue
+        if e.source.source_id in taken:
+            raise ManifestError(f"{e.where}: source_id {e.source.source_id!r} is also used by {taken[e.source.source_id].where}")
+        taken[e.source.source_id] = e
+    derived = sorted((e for e in entries if not e.explicit), key=lambda e: e.basis)
+    stems = {id(e): e.source.source_id for e in derived}
+    hashed = {id(e): f"{stems[id(e)]}-{_path_hash(e.basis)}" for e in derived}
+    chosen: dict[int, str] = {}
+    for e in derived:  # sticky: the id this path had in an earlier build of the same output
+        for candidate in (stems[id(e)], hashed[id(e)]):
+            if previous.get(candidate) == e.source.path and candidate not in taken:
+                chosen[id(e)] = candidate
+                taken[candidate] = e
+                break
+    count: dict[str, int] = {}
+    for e in derived:
+        if id(e) not in chosen:
+            count[stems[id(e)]] = count.get(stems[id(e)], 0) + 1
+    for e in derived:
+        if id(e) in chosen:
+            continue
+        stem = stems[id(e)]
+        new_id = stem if count[stem] == 1 and stem not in taken else hashed[id(e)]
+        if new_id in taken:
+            raise ManifestError(f"{e.where}: derived source_id {new_id!r} collides with {taken[new_id].where}; "
+                                "give one of them a source_id column value")
+        chosen[id(e)] = new_id
+        taken[new_id] = e
+    for e in derived:
+        e.source.source_id = chosen[id(e)]
+    return [e.source for e in entries]
+
+
+def read_sources(spec: str, previous_ids: Optional[dict[str, str]] = None) -> list[Source]:
     """A manifest CSV/parquet (column ``path`` required), a directory, or a glob -> sources.
 
     Relative paths in a manifest are resolved against the manifest's own folder, so a manifest
-    can travel with its footage.
+    can travel with its footage. Optional columns: ``source_id`` (letters, digits, ``_``, ``-``),
+    ``kind``, ``language``, ``licence``, ``identity`` (or ``speaker``), ``audio_stream`` (which of
+    the file's audio streams holds the voice, from 0). Problems raise :class:`ManifestError`
+    naming the row. ``previous_ids`` (id -> path, from :func:`emo_data.staging.staged_paths`)
+    keeps the ids an earlier build into the same output gave.
     """
     import pandas as pd
 
@@ -49,43 +110,67 @@ def read_sources(spec: str) -> list[Source]:
         else:
             table = pd.read_csv(spec, sep="\t" if lower.endswith(".tsv") else ",", dtype=str, keep_default_na=False)
         if "path" not in table.columns:
-            raise ValueError(f"{spec}: manifest needs a 'path' column (has: {', '.join(table.columns)})")
+            raise ManifestError(f"{spec}: manifest needs a 'path' column (has: {', '.join(table.columns)})")
         base = os.path.dirname(os.path.abspath(spec)) if not _is_url(spec) else spec.rsplit("/", 1)[0]
-        sources = []
-        for row in table.to_dict("records"):
+        name = os.path.basename(spec)
+        entries = []
+        for number, row in enumerate(table.to_dict("records"), start=1):
             path = str(row["path"]).strip()
             if not path:
                 continue
+            where = f"{name} row {number} ({path})"
             resolved = _resolve(path, base) if not _is_url(base) else (path if _is_url(path) else f"{base}/{path}")
 
-            def text(name: str, default: str) -> str:
-                value = row.get(name)
-                return str(value).strip() if value not in (None, "") and str(value) != "nan" else default
+            def text(column: str, default: str) -> str:
+                value = row.get(column)
+                return str(value).strip() if value is not None and str(value).strip() not in ("", "nan", "None") else default
 
+            given_id = text("source_id", "")
+            if given_id and not SOURCE_ID_RE.match(given_id):
+                raise ManifestError(
+                    f"{where}: source_id {given_id!r} may hold only letters, digits, '_' and '-' (at most 160): "
+                    "it names the sample keys (WebDataset splits keys at dots) and staging folders")
+            audio_stream = text("audio_stream", "")
+            stream_index = None
+            if audio_stream:
+                try:
+                    number_value = float(audio_stream)
+                except ValueError:
+                    number_value = -1.0
+                if number_value < 0 or number_value != int(number_value):
+                    raise ManifestError(f"{where}: audio_stream {audio_stream!r} must be a stream number from 0")
+                stream_index = int(number_value)
             identity = text("identity", "") or text("speaker", "")
-            sources.append(
-                Source(
-                    path=resolved,
-                    source_id=text("source_id", "") or make_source_id(path),
-                    kind=text("kind", "unknown"),
-                    language=text("language", "und"),
-                    licence=text("licence", text("license", "")),
-                    identity=identity or None,
-                )
+            source = Source(
+                path=resolved,
+                source_id=given_id or make_source_id(path),
+                kind=text("kind", "unknown"),
+                language=text("language", "und"),
+                licence=text("licence", text("license", "")),
+                identity=identity or None,
+                audio_stream=stream_index,
             )
-        return _unique_ids(sources)
+            entries.append(_Entry(source, bool(given_id), os.path.normpath(path) if not _is_url(path) else path, where))
+        return _assign_ids(entries, previous_ids)
     if os.path.isdir(spec):
+        root = spec
         paths = sorted(
-            os.path.join(root, name)
-            for root, _dirs, files in os.walk(spec)
+            os.path.join(folder, name)
+            for folder, _dirs, files in os.walk(spec)
             for name in files
             if name.lower().endswith(VIDEO_EXTENSIONS)
         )
     else:
+        root = None
         paths = sorted(p for p in glob.glob(spec, recursive=True) if p.lower().endswith(VIDEO_EXTENSIONS))
     if not paths:
-        raise ValueError(f"{spec}: no manifest, and no video files matched")
-    return _unique_ids([Source(path=os.path.abspath(p), source_id=make_source_id(p)) for p in paths])
+        raise ManifestError(f"{spec}: no manifest, and no video files matched")
+    entries = [
+        _Entry(Source(path=os.path.abspath(p), source_id=make_source_id(p)), False,
+               os.path.relpath(p, root) if root else os.path.normpath(p), p)
+        for p in paths
+    ]
+    return _assign_ids(entries, previous_ids)
 
 
 @dataclass

@@ -11,14 +11,29 @@ fsynced and renamed; the rows and then the done marker are written only after al
 parts are in place. A source with a marker is complete; a source without one is redone from
 scratch (:func:`clear_source` drops its parts and temporary files first). One part per clip lets
 the Ray build write clips of one source from different workers, in any order.
+
+Config-aware resume: the done marker holds the source's *fingerprint* (:func:`source_fingerprint`):
+the values of every config field that shapes a staged sample, the manifest fields that do
+(``audio_stream``), the package and schema versions, and the input file's size and mtime. A re-run
+whose fingerprint differs in any of them redoes that source (:func:`plan_resume` names the
+differing keys). Sections used only by finalisation (``identity``, ``shards``) and fields that do
+not change a byte (``decode.threads``) are left out, so changing them re-finalises without
+redoing any source. A field or section that a staged record lacks (the config grew since) counts
+as different: the source is redone once, since nothing says the new step would have left it
+unchanged.
+
+After a successful finalisation the part files are deleted (their samples now live in the final
+shards, so staging does not hold a second copy of the corpus); rows and markers stay, and a later
+finalisation reads those samples back from the final shards.
 """
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import os
 import shutil
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 import numpy as np
 
@@ -89,9 +104,11 @@ def clear_source(out_dir: str, source_id: str) -> None:
             os.remove(path)
 
 
-def seal_source(out_dir: str, source_id: str, rows: list[dict[str, Any]], summary: dict[str, Any], status: str) -> None:
+def seal_source(out_dir: str, source_id: str, rows: list[dict[str, Any]], summary: dict[str, Any], status: str,
+                fingerprint: Optional[dict[str, Any]] = None) -> None:
     """Mark a source complete. Call only once every part its clip rows name is written; a failed
-    source keeps no parts (its rows say why)."""
+    source keeps no parts (its rows say why). ``fingerprint`` (:func:`source_fingerprint`) goes
+    into the done marker: what the staged source was made from."""
     if status != "ok":
         shutil.rmtree(parts_dir(out_dir, source_id), ignore_errors=True)
     samples = sum(1 for r in rows if r.get("status") == "clip")
@@ -100,16 +117,22 @@ def seal_source(out_dir: str, source_id: str, rows: list[dict[str, Any]], summar
     base = os.path.join(staging_dir(out_dir), source_id)
     os.makedirs(staging_dir(out_dir), exist_ok=True)
     _write_json_atomic(base + ".rows.json", {"rows": rows, "summary": summary})
-    _write_json_atomic(base + ".done", {"status": status, "samples": samples if status == "ok" else 0})
+    marker: dict[str, Any] = {"status": status, "samples": samples if status == "ok" else 0}
+    if fingerprint is not None:
+        marker["fingerprint"] = fingerprint
+        marker["digest"] = fingerprint_digest(fingerprint)
+    _write_json_atomic(base + ".done", marker)
 
 
 class SourceStagingWriter:
     """The in-process executor's view of one source: write samples, then seal (or abort)."""
 
-    def __init__(self, out_dir: str, source: Source, config_dict: Optional[dict] = None):
+    def __init__(self, out_dir: str, source: Source, config_dict: Optional[dict] = None,
+                 fingerprint: Optional[dict[str, Any]] = None):
         self.out_dir = out_dir
         self.source = source
         self.config_dict = config_dict or {}
+        self.fingerprint = fingerprint
         clear_source(out_dir, source.source_id)  # leftovers of an interrupted attempt
         self.samples = 0
 
@@ -122,9 +145,138 @@ class SourceStagingWriter:
         self.samples = 0
 
     def seal(self, rows: list[dict[str, Any]], summary: dict[str, Any], status: str) -> None:
-        seal_source(self.out_dir, self.source.source_id, rows, summary, status)
+        seal_source(self.out_dir, self.source.source_id, rows, summary, status, self.fingerprint)
 
 
 def read_staged(out_dir: str, source_id: str) -> dict[str, Any]:
     with open(os.path.join(staging_dir(out_dir), f"{source_id}.rows.json")) as fh:
         return json.load(fh)
+
+
+def read_marker(out_dir: str, source_id: str) -> Optional[dict[str, Any]]:
+    """The done marker of a sealed source (status, samples, fingerprint), or None."""
+    try:
+        with open(done_marker(out_dir, source_id)) as fh:
+            return json.load(fh)
+    except (OSError, ValueError):
+        return None
+
+
+def remove_parts(out_dir: str, source_ids: Iterable[str]) -> int:
+    """Delete the part files of these sources (after their samples reached the final shards).
+    Returns the bytes freed. Rows and done markers stay: they are the resume state."""
+    freed = 0
+    for source_id in source_ids:
+        folder = parts_dir(out_dir, source_id)
+        if not os.path.isdir(folder):
+            continue
+        for name in os.listdir(folder):
+            try:
+                freed += os.path.getsize(os.path.join(folder, name))
+            except OSError:
+                pass
+        shutil.rmtree(folder, ignore_errors=True)
+    return freed
+
+
+def staged_paths(out_dir: str) -> dict[str, str]:
+    """source_id -> input path of every source sealed in ``out_dir`` (from the markers' fingerprints),
+    so a re-run keeps the ids it gave before (see :func:`emo_data.manifest.read_sources`)."""
+    out: dict[str, str] = {}
+    for marker_path in glob.glob(os.path.join(glob.escape(staging_dir(out_dir)), "*.done")):
+        try:
+            with open(marker_path) as fh:
+                path = (json.load(fh).get("fingerprint") or {}).get("path")
+        except (OSError, ValueError):
+            continue
+        if path:
+            out[os.path.basename(marker_path)[: -len(".done")]] = path
+    return out
+
+
+# ----------------------------------------------------------------------------- fingerprints
+# Config sections that only finalisation reads: changing them re-finalises, never restages.
+FINALIZE_ONLY_SECTIONS = ("identity", "shards")
+# Fields that change how fast a source is processed, not one byte of what it gives.
+NON_SHAPING_FIELDS = {("decode", "threads")}
+
+
+def staged_config(config_dict: dict[str, Any]) -> dict[str, Any]:
+    """The part of a ``BuildConfig.to_dict()`` that shapes staged samples (secrets are already
+    blank in it). Every section not listed as finalize-only counts, so a section added to
+    BuildConfig later is covered without touching this function."""
+    out: dict[str, Any] = {}
+    for section, values in sorted(config_dict.items()):
+        if section in FINALIZE_ONLY_SECTIONS:
+            continue
+        if isinstance(values, dict):
+            values = {k: v for k, v in values.items() if (section, k) not in NON_SHAPING_FIELDS}
+        out[section] = values
+    return out
+
+
+def file_fingerprint(path: str) -> dict[str, Any]:
+    """Size and modification time of the input (local file or fsspec URL). Cheap (one stat); a
+    file rewritten with the same size within the same mtime tick would go unnoticed."""
+    try:
+        if "://" in path:
+            import fsspec
+
+            fs, inner = fsspec.core.url_to_fs(path)
+            info = fs.info(inner)
+            stamp = info.get("mtime") or info.get("LastModified") or info.get("ETag") or info.get("etag") or info.get("md5Hash")
+            return {"size": info.get("size"), "mtime": str(stamp) if stamp is not None else None}
+        st = os.stat(path)
+        return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    except Exception as exc:  # noqa: BLE001 - a missing file is the probe stage's business
+        return {"missing": type(exc).__name__}
+
+
+def source_fingerprint(source: Source, config_dict: dict[str, Any]) -> dict[str, Any]:
+    """Everything a staged source was made from (see the module docstring)."""
+    from . import __version__
+    from .schema import SCHEMA_VERSION
+
+    return {
+        "path": source.path,
+        "file": file_fingerprint(source.path),
+        "source": {"audio_stream": source.audio_stream},
+        "code": {"emo_version": __version__, "schema_version": SCHEMA_VERSION},
+        "config": staged_config(config_dict),
+    }
+
+
+def fingerprint_digest(fingerprint: dict[str, Any]) -> str:
+    """A short digest of what shaped the source (its path excluded: a moved file with the same
+    size and mtime is the same input)."""
+    payload = {k: v for k, v in fingerprint.items() if k != "path"}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
+    else:
+        out[prefix] = value
+
+
+_ABSENT = object()
+
+
+def fingerprint_changes(stored: Optional[dict[str, Any]], current: dict[str, Any]) -> list[str]:
+    """Human-readable differences, e.g. ``config.clip.min_seconds 2.0 -> 5.0``; empty = same.
+    A key present on one side only is a difference (a config that grew, or a field removed)."""
+    if not stored:
+        return ["staged without a fingerprint (an older version of emo)"]
+    a: dict[str, Any] = {}
+    b: dict[str, Any] = {}
+    _flatten("", {k: v for k, v in stored.items() if k != "path"}, a)
+    _flatten("", {k: v for k, v in current.items() if k != "path"}, b)
+    changes = []
+    for key in sorted(set(a) | set(b)):
+        old, new = a.get(key, _ABSENT), b.get(key, _ABSENT)
+        if old != new:
+            show = lambda v: "(absent)" if v is _ABSENT else json.dumps(v, default=str)  # noqa: E731
+            changes.append(f"{key} {show(old)} -> {show(new)}")
+    return changes
