@@ -158,6 +158,23 @@ def cmd_add_features(args) -> int:
     return 0
 
 
+def cmd_add_latents(args) -> int:
+    from .latents import add_latents
+    from .schema import list_shards
+
+    shards = list_shards(args.shards)
+    if not shards:
+        print("emo-data add-latents: no shards found", file=sys.stderr)
+        return 2
+    if not os.path.isdir(args.vae):
+        print(f"emo-data add-latents: error: --vae {args.vae} is not a directory (an AutoencoderKL save_pretrained dir)", file=sys.stderr)
+        return 2
+    total = add_latents(shards, args.vae, resolution=args.resolution, device=args.device, batch_size=args.batch_size,
+                        progress=not args.quiet)
+    print(f"added latents ({args.vae}) to {total} samples in {len(shards)} shards")
+    return 0
+
+
 def cmd_fit_buckets(args) -> int:
     import numpy as np
 
@@ -218,6 +235,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="JSON BuildConfig")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_add_features)
+    p = sub.add_parser("add-latents", help="add or replace pre-encoded VAE latents (latents.npy) for training without the VAE")
+    p.add_argument("shards", nargs="+", help="shard files, directories or globs")
+    p.add_argument("--vae", required=True, help="AutoencoderKL directory (e.g. <sd1.5>/vae or <emo pipeline>/vae)")
+    p.add_argument("--resolution", type=int, help="encode frames resized to this many pixels (default: the clip's crop size)")
+    p.add_argument("--device", help="cuda / cpu (default: cuda if available)")
+    p.add_argument("--batch-size", type=int, default=8, help="frames per VAE call")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_add_latents)
     p = sub.add_parser("fit-buckets", help="fit speed-bucket centres to a corpus's head-speed quantiles")
     p.add_argument("shards", nargs="+")
     p.add_argument("--num-buckets", "-d", type=int, default=9)

@@ -16,6 +16,7 @@ member             dtype / shape          meaning
 ``speed_buckets.npy`` float32 [T, d]      s_i = tanh((w_f - c_i) / r_i * 3)
 ``identity_emb.npy`` float32 [E]          face embedding of the clip (identity splits)
 ``audio_emb.npy``  float16 [T, L, D]      wav2vec hidden states per frame (optional)
+``latents.npy``    float16 [T, C, s, s]   VAE posterior means per frame, unscaled (optional; emo-data add-latents)
 ``json``           utf-8                  metadata, schema version, build config
 ================== ===================== =================================================
 
@@ -51,7 +52,7 @@ REQUIRED_MEMBERS = (
     "identity_emb.npy",
     "json",
 )
-OPTIONAL_MEMBERS = ("audio_emb.npy",)
+OPTIONAL_MEMBERS = ("audio_emb.npy", "latents.npy")
 ALL_MEMBERS = REQUIRED_MEMBERS + OPTIONAL_MEMBERS
 # Extensions that imply pickle or arbitrary code: refused on read, reported by validate.
 UNSAFE_EXTENSIONS = (".pyd", ".pickle", ".pkl", ".pth", ".pt", ".ckpt", ".cls", ".joblib")
@@ -557,6 +558,14 @@ def validate_sample(raw: dict[str, Any], expected_digests: Optional[dict[str, di
         check("audio_emb.npy", arr("audio_emb.npy"), np.float16, (T, audio_meta.get("num_layers"), audio_meta.get("dim")))
     elif "audio_emb.npy" in raw:
         problems.append("audio_emb.npy present but json.audio_emb is null")
+    latents_meta = meta.get("latents")  # written by emo-data add-latents (emo_data/latents.py)
+    if latents_meta:
+        if "latents.npy" not in raw:
+            problems.append("json declares latents but latents.npy is missing")
+        side = latents_meta.get("latent_size")
+        check("latents.npy", arr("latents.npy"), np.float16, (T, latents_meta.get("channels"), side, side))
+    elif "latents.npy" in raw:
+        problems.append("latents.npy present but json.latents is null")
 
     if "face_mask.png" in raw:
         try:
