@@ -12,10 +12,11 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional
 
 from emo_data.config import BuildConfig
-from emo_data.finalize import CorpusSummary, finalize_corpus
+from emo_data.finalize import CorpusSummary, check_resplit, finalize_corpus
 from emo_data.manifest import read_sources
+from emo_data.resume import ResumePlan, plan_resume
 from emo_data.stage import StageError
-from emo_data.staging import SourceStagingWriter, is_done
+from emo_data.staging import SourceStagingWriter, staged_paths
 from emo_data.types import ClipCandidate, RejectedSpan, Source
 
 log = logging.getLogger("emo.build")
@@ -46,8 +47,10 @@ class SourcePipeline:
             if stage is not None:
                 stage.ensure_setup()
 
-    def run(self, source: Source, out_dir: str, on_clip: Optional[Callable[[float], None]] = None) -> dict[str, Any]:
-        """Stage one source; returns its summary. Never raises for a bad source."""
+    def run(self, source: Source, out_dir: str, on_clip: Optional[Callable[[float], None]] = None,
+            fingerprint: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+        """Stage one source (sealed with ``fingerprint``, see emo_data.resume); returns its
+        summary. Never raises for a bad source."""
         from emo_data.clip_work import (
             ClipInFlight, add_audio_features, add_head_motion, assemble_sample, clip_row, failed_row, order_rows,
             rejected_row,
@@ -56,7 +59,7 @@ class SourcePipeline:
         from emo_data.clips import VideoPassInput, VideoPassSummary
 
         self.setup()
-        writer = SourceStagingWriter(out_dir, source, self.config.to_dict())
+        writer = SourceStagingWriter(out_dir, source, self.config.to_dict(), fingerprint)
         rows: list[dict[str, Any]] = []
         summary: dict[str, Any] = {"duration_s": 0.0}
         stage = "analyse"
@@ -104,6 +107,24 @@ class BuildResult:
     out_dir: str
     processed: int
     skipped: int
+    plan: Optional[ResumePlan] = None   # what was redone and why
+
+
+def prepare_sources(sources: Iterable[Source] | str, out_dir: str, config: BuildConfig,
+                    resplit: bool = False) -> tuple[list[Source], ResumePlan]:
+    """Read the sources (keeping ids already staged in ``out_dir``), refuse a split-changing
+    config without ``resplit``, and plan which sources to (re)do. Shared by both executors."""
+    os.makedirs(out_dir, exist_ok=True)
+    sources = read_sources(sources, previous_ids=staged_paths(out_dir)) if isinstance(sources, str) else list(sources)
+    check_resplit(out_dir, config, resplit)
+    plan = plan_resume(out_dir, sources, config)
+    for line in plan.describe():
+        log.warning("redoing %s", line)
+    if plan.todo and config.audio_features.enabled:
+        from emo_data.audio_features import check_audio_encoder
+
+        check_audio_encoder(config.audio_features)  # fail before any work, with a how-to
+    return sources, plan
 
 
 def build_corpus(
@@ -112,18 +133,15 @@ def build_corpus(
     config: Optional[BuildConfig] = None,
     progress: bool = True,
     face_backend=None,
+    resplit: bool = False,
 ) -> BuildResult:
-    """Build a corpus in-process: stage every unfinished source, then finalise splits and shards."""
+    """Build a corpus in-process: stage every new, unfinished or changed source (see
+    emo_data.resume), then finalise splits and shards."""
     from tqdm import tqdm
 
     config = config or BuildConfig()
-    sources = read_sources(sources) if isinstance(sources, str) else list(sources)
-    os.makedirs(out_dir, exist_ok=True)
-    if config.audio_features.enabled:
-        from emo_data.audio_features import check_audio_encoder
-
-        check_audio_encoder(config.audio_features)  # fail before any work, with a how-to
-    todo = [s for s in sources if not is_done(out_dir, s.source_id)]
+    sources, plan = prepare_sources(sources, out_dir, config, resplit)
+    todo = plan.todo
     start = time.time()
     pipeline = SourcePipeline(config, face_backend=face_backend)
     with tqdm(total=len(todo), unit="video", disable=not progress, desc="build", dynamic_ncols=True) as bar:
@@ -136,7 +154,8 @@ def build_corpus(
 
         for source in todo:
             bar.set_description(f"build {source.source_id[:24]}")
-            pipeline.run(source, out_dir, on_clip)
+            pipeline.run(source, out_dir, on_clip, plan.fingerprints[source.source_id])
             bar.update(1)
-    summary = finalize_corpus(out_dir, [s.source_id for s in sources], config, wall_s=time.time() - start)
-    return BuildResult(summary=summary, out_dir=out_dir, processed=len(todo), skipped=len(sources) - len(todo))
+    summary = finalize_corpus(out_dir, sources, config, wall_s=time.time() - start if todo else 0.0,
+                              processed=[s.source_id for s in todo], resplit=resplit)
+    return BuildResult(summary=summary, out_dir=out_dir, processed=len(todo), skipped=len(sources) - len(todo), plan=plan)
