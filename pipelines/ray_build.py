@@ -32,20 +32,30 @@ Fault isolation:
 - a worker *process* death (segfault or ``os._exit`` in a native library, OOM kill) kills the
   actor: Ray restarts it (``max_restarts``) and retries the call (``max_task_retries``); once
   spent, Ray Data drops that block (``max_errored_blocks = -1``) and goes on. Sources still unsealed
-  after a round run again in a new round (``source_retries``); whatever is unsealed then is sealed
-  by the driver with reason ``worker_crash``, stage ``worker``.
+  after a round run again in a new round (``source_retries``), once the finished round's actors
+  have given their CPUs back (an embedded Ray that still holds them is restarted); whatever is
+  unsealed then is sealed by the driver with reason ``worker_crash``, stage ``worker``;
+- a stall watchdog: a round that delivers no row for ``ExecutorConfig.stall_timeout_s`` ends the
+  build; every source not sealed by then becomes a failed row with reason ``stalled``.
 
 Fault injection (tests only): ``ExecutorConfig.crash_on_source`` or the environment variable
-``EMO_FAULT_CRASH_SOURCE`` (read by the driver) names a source_id on which the video-pass worker
-calls ``os._exit(1)``, to exercise the crash path; ``EMO_FAULT_STALL_SOURCE=<source_id>:<s>`` makes
-it sleep after each clip of that source, so a test can kill a build while a source is half staged.
+``EMO_FAULT_CRASH_SOURCE`` (read by the driver) is ``<source_id>[,after=<n>][,times=<k>,state=<dir>]``:
+the video-pass worker calls ``os._exit(1)`` on that source (after yielding ``n`` clips; only the
+first ``k`` times, counted by files in ``dir``), to exercise the crash paths;
+``EMO_FAULT_STALL_SOURCE=<source_id>:<s>`` makes it sleep after each clip of that source, so a test
+can kill a build while a source is half staged, or trip the watchdog.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import queue
+import re
 import sys
+import tempfile
+import threading
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -53,11 +63,11 @@ from typing import Any, Iterable, Iterator, Optional
 
 from emo_data.config import BuildConfig, ExecutorConfig, StageResources
 from emo_data.finalize import finalize_corpus
-from emo_data.manifest import ManifestRow, read_sources
+from emo_data.manifest import ManifestRow
 from emo_data.staging import clear_source, is_done, seal_source, staging_dir
 from emo_data.types import Source
 
-from .local import BuildResult
+from .local import BuildResult, prepare_sources
 
 log = logging.getLogger("emo.build.ray")
 
@@ -65,7 +75,8 @@ FAULT_ENV = "EMO_FAULT_CRASH_SOURCE"
 STALL_ENV = "EMO_FAULT_STALL_SOURCE"   # "<source_id>:<seconds>": the video worker sleeps after each clip of it
 # Environment passed on to the worker processes (matters on a cluster, where workers do not
 # inherit the driver's environment).
-_FORWARD_ENV = ("HF_HUB_OFFLINE", "HF_HOME", "TRANSFORMERS_OFFLINE", "TORCH_HOME", "EMO_SAMPLES_DIR", "RAY_AUTH_MODE")
+_FORWARD_ENV = ("HF_HUB_OFFLINE", "HF_HOME", "TRANSFORMERS_OFFLINE", "TORCH_HOME", "EMO_SAMPLES_DIR", "RAY_AUTH_MODE",
+                "HF_TOKEN", "PYANNOTE_TOKEN")
 # One clip (mp4 + audio + arrays, ~1-4 MB) per block, so clips stream one by one.
 _BLOCK_BYTES = 256 * 1024
 
@@ -127,7 +138,7 @@ class VideoPass:
 
         _worker_logging()
         self.config = BuildConfig.from_dict(config_dict)
-        self.crash_on_source = crash_on_source
+        self.crash = _CrashFault.parse(crash_on_source)
         self.stall_source, _, seconds = (stall or "").rpartition(":")
         self.stall_s = float(seconds or 0)
         self.video = VideoPassStage(self.config)
@@ -147,8 +158,8 @@ class VideoPass:
         from emo_data.types import ClipCandidate, RejectedSpan
 
         source: Source = analysed.source
-        if self.crash_on_source and source.source_id == self.crash_on_source:
-            os._exit(1)  # FAULT INJECTION: simulates a segfault in a native library
+        if self.crash is not None:
+            self.crash.maybe_crash(source.source_id, clips_out=0)
         keys: list[str] = []
         rejected: list[dict] = []
         summary: dict[str, Any] = {"duration_s": analysed.probe.duration_s}
@@ -159,6 +170,8 @@ class VideoPass:
                 if isinstance(item, ClipCandidate):
                     keys.append(item.key)
                     yield _rows([(source.source_id, CLIP, ClipInFlight(item))])
+                    if self.crash is not None:
+                        self.crash.maybe_crash(source.source_id, clips_out=len(keys))
                     if self.stall_s and source.source_id == self.stall_source:
                         time.sleep(self.stall_s)  # FAULT INJECTION: a source that is slow to finish
                 elif isinstance(item, RejectedSpan):
@@ -168,6 +181,36 @@ class VideoPass:
         except Exception as exc:  # noqa: BLE001 - errors are rows
             failure = failed_row(source, "video_pass", exc)
         yield _rows([(source.source_id, END, {"keys": keys, "rows": rejected, "summary": summary, "failure": failure})])
+
+
+@dataclass
+class _CrashFault:
+    """FAULT INJECTION (tests only): ``<source_id>[,after=<n>][,times=<k>,state=<dir>]``."""
+
+    source_id: str
+    after_clips: int = 0
+    times: Optional[int] = None
+    state_dir: Optional[str] = None
+
+    @classmethod
+    def parse(cls, spec: Optional[str]) -> Optional["_CrashFault"]:
+        if not spec:
+            return None
+        source_id, *options = spec.split(",")
+        values = dict(o.split("=", 1) for o in options)
+        return cls(source_id, int(values.get("after", 0)), int(values["times"]) if "times" in values else None,
+                   values.get("state"))
+
+    def maybe_crash(self, source_id: str, clips_out: int) -> None:
+        if source_id != self.source_id or clips_out != self.after_clips:
+            return
+        if self.times is not None and self.state_dir:
+            os.makedirs(self.state_dir, exist_ok=True)
+            if len(os.listdir(self.state_dir)) >= self.times:
+                return
+            with open(os.path.join(self.state_dir, f"crash-{os.getpid()}-{time.time_ns()}"), "w"):
+                pass
+        os._exit(1)  # simulates a segfault in a native library
 
 
 def _per_clip(batch: dict[str, Any], stage_name: str, fn) -> dict[str, list]:
@@ -247,8 +290,9 @@ class _SourceState:
 class _Ledger:
     """Driver bookkeeping: collects each source's rows and seals it once all its clips are back."""
 
-    def __init__(self, sources: list[Source], out_dir: str):
+    def __init__(self, sources: list[Source], out_dir: str, fingerprints: Optional[dict[str, dict]] = None):
         self.out_dir = out_dir
+        self.fingerprints = fingerprints or {}   # source_id -> what the source is made from (emo_data.resume)
         self.state = {s.source_id: _SourceState(s) for s in sources}
         self.sealed: list[tuple[str, str, dict[str, Any]]] = []  # (source_id, status, summary)
 
@@ -276,12 +320,12 @@ class _Ledger:
         failure = end["failure"] or next((st.failures[k] for k in end["keys"] if k in st.failures), None)
         if failure is not None:
             summary = {"duration_s": end["summary"].get("duration_s", 0.0)}
-            seal_source(self.out_dir, source_id, [failure], summary, "failed")
+            seal_source(self.out_dir, source_id, [failure], summary, "failed", self.fingerprints.get(source_id))
             status = "failed"
         else:
             rows = order_rows([st.written[k] for k in end["keys"]] + list(end["rows"]))
             summary = end["summary"]
-            seal_source(self.out_dir, source_id, rows, summary, "ok")
+            seal_source(self.out_dir, source_id, rows, summary, "ok", self.fingerprints.get(source_id))
             status = "ok"
         self.sealed.append((source_id, status, summary))
         return status, summary
@@ -335,21 +379,25 @@ def _cost(path: str, probe: bool) -> float:
         return 0.0
 
 
-def _start_ray(address: Optional[str], workers: Optional[int], executor: ExecutorConfig) -> bool:
-    """Connect to (or start) Ray; returns True if this call started it (and must shut it down)."""
+def _start_ray(address: Optional[str], workers: Optional[int], executor: ExecutorConfig,
+               extra_env: Optional[dict[str, str]] = None) -> bool:
+    """Connect to (or start) Ray; returns True if this call started it (and must shut it down).
+    ``extra_env`` goes to every worker (a token given in the config: it is never stored)."""
     import ray
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     if ray.is_initialized():
         return False
-    if not log.isEnabledFor(logging.INFO):
+    verbose = log.isEnabledFor(logging.INFO)
+    if not verbose:
         # A user watching the progress bars does not need Ray Data's notices; `emo-data -v` shows them.
         logging.getLogger("ray.data").setLevel(logging.ERROR)
     env = {k: os.environ[k] for k in _FORWARD_ENV if k in os.environ}
+    env.update(extra_env or {})
     runtime_env = {"env_vars": env} if env else None
     if address:
         _check_reachable(address)
-        ray.init(address=address, runtime_env=runtime_env, logging_level=logging.WARNING)
+        ray.init(address=address, runtime_env=runtime_env, logging_level=logging.WARNING, log_to_driver=verbose)
     else:
         ray.init(
             address="local",  # always a new embedded instance, never a `ray start` cluster found on this machine
@@ -367,8 +415,54 @@ def _start_ray(address: Optional[str], workers: Optional[int], executor: Executo
                 "num_workers_soft_limit": executor.idle_workers or 4 * int(workers or os.cpu_count() or 1) + 4,
             },
             logging_level=logging.WARNING,
+            # Worker processes' stdout/stderr (library deprecation warnings and the like) reach the
+            # terminal only with -v; failures reach the manifest as rows either way.
+            log_to_driver=verbose,
         )
     return True
+
+
+# Ray's C++ components log to the driver's stderr in this form, e.g. core_worker.cc's "Actor ...
+# has constructor arguments in the object store and max_restarts > 0" for every Ray Data actor.
+_RAY_NATIVE_LOG = re.compile(rb"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [DIWEF] \d+ \d+\] \S+\.(?:cc|h):\d+:")
+
+
+@contextlib.contextmanager
+def _native_logs_hidden(active: bool):
+    """While active, file descriptor 2 goes to a temporary file (where Ray's C++ code writes) and
+    Python's ``sys.stderr`` to the real terminal; afterwards the captured lines are replayed to the
+    terminal except Ray's internal C++ log lines. ``emo-data -v`` leaves stderr alone."""
+    if not active:
+        yield
+        return
+    sys.stderr.flush()
+    saved_fd = os.dup(2)
+    captured = tempfile.TemporaryFile()
+    os.dup2(captured.fileno(), 2)
+    old_stderr = sys.stderr
+    sys.stderr = open(os.dup(saved_fd), "w", buffering=1, encoding=getattr(old_stderr, "encoding", None) or "utf-8",
+                      errors="backslashreplace")
+    moved = []
+    for handler in logging.root.handlers + logging.getLogger("emo").handlers:
+        if isinstance(handler, logging.StreamHandler) and getattr(handler, "stream", None) is old_stderr:
+            handler.setStream(sys.stderr)
+            moved.append(handler)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        for handler in moved:
+            handler.setStream(old_stderr)
+        sys.stderr.close()
+        sys.stderr = old_stderr
+        os.dup2(saved_fd, 2)
+        os.close(saved_fd)
+        captured.seek(0)
+        kept = [line for line in captured.read().splitlines(keepends=True) if not _RAY_NATIVE_LOG.match(line)]
+        captured.close()
+        if kept:
+            old_stderr.flush()
+            os.write(2, b"".join(kept))
 
 
 def _check_reachable(address: str, timeout_s: float = 10.0) -> None:
@@ -501,7 +595,8 @@ def _run_round(sources: list[Source], out_dir: str, config: BuildConfig, executo
         # for removal in 2.64; revisit when upgrading).
         warnings.simplefilter("ignore", DeprecationWarning)
         ds = _graph(sources, config, executor, out_dir, plan)
-    for row in ds.iter_rows():
+    rows = _watched(ds.iter_rows(), executor.stall_timeout_s)
+    for row in rows:
         done = ledger.add(row["source_id"], row["kind"], row["item"])
         if done is None:
             continue
@@ -513,22 +608,100 @@ def _run_round(sources: list[Source], out_dir: str, config: BuildConfig, executo
         totals["in_s"] += summary.get("duration_s", 0.0)
         totals["failed"] += status != "ok"
         bar.sealed(row["source_id"], status, summary, totals)
+    if rows.stalled:
+        return False
     try:  # Ray Data's per-operator timings: where the wall time of this build went
         with open(os.path.join(out_dir, "ray_stats.txt"), "a") as fh:
             fh.write(ds.stats() + "\n")
     except Exception as exc:  # noqa: BLE001 - diagnostics only
         log.info("no Ray Data stats: %s", exc)
+    return True
 
 
-def _seal_crashed(source: Source, out_dir: str, attempts: int) -> None:
+class _watched:
+    """Iterate ``rows`` on a helper thread; stop (``stalled = True``) when none arrives for
+    ``timeout_s``. The driver can then end the build instead of waiting forever on a pipeline
+    that cannot make progress (an actor that hangs, a retry that can never be scheduled)."""
+
+    def __init__(self, rows: Iterable[Any], timeout_s: float, poll_s: float = 1.0):
+        self.timeout_s, self.poll_s, self.stalled = timeout_s, poll_s, False
+        self._queue: queue.Queue = queue.Queue(maxsize=16)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._pump, args=(iter(rows),), daemon=True, name="emo-rows")
+        self._thread.start()
+
+    def _pump(self, rows: Iterator[Any]) -> None:
+        try:
+            for row in rows:
+                while not self._stop.is_set():
+                    try:
+                        self._queue.put(("row", row), timeout=self.poll_s)
+                        break
+                    except queue.Full:
+                        continue
+                if self._stop.is_set():
+                    return
+            self._queue.put(("end", None))
+        except BaseException as exc:  # noqa: BLE001 - handed to the driver thread
+            self._queue.put(("error", exc))
+
+    def __iter__(self) -> Iterator[Any]:
+        last = time.monotonic()
+        while True:
+            try:
+                what, payload = self._queue.get(timeout=self.poll_s)
+            except queue.Empty:
+                if time.monotonic() - last > self.timeout_s:
+                    self.stalled = True
+                    self._stop.set()
+                    return
+                continue
+            last = time.monotonic()
+            if what == "end":
+                return
+            if what == "error":
+                raise payload
+            yield payload
+
+
+def _seal_unfinished(source: Source, out_dir: str, reason: str, detail: str, fingerprint: Optional[dict] = None) -> None:
     row = ManifestRow(
         status="failed", source_id=source.source_id, path=source.path, kind=source.kind, language=source.language,
-        licence=source.licence, reason="worker_crash", stage="worker",
-        detail=f"a worker process died while handling this source ({attempts} round(s), each with Ray actor "
-               "restarts/task retries); see the Ray worker logs (e.g. /tmp/ray/session_latest/logs)",
+        licence=source.licence, reason=reason, stage="worker", detail=detail,
     ).to_dict()
     clear_source(out_dir, source.source_id)
-    seal_source(out_dir, source.source_id, [row], {"duration_s": 0.0}, "failed")
+    seal_source(out_dir, source.source_id, [row], {"duration_s": 0.0}, "failed", fingerprint)
+
+
+def _seal_crashed(source: Source, out_dir: str, attempts: int, fingerprint: Optional[dict] = None) -> None:
+    _seal_unfinished(source, out_dir, "worker_crash",
+                     f"a worker process died while handling this source ({attempts} round(s), each with Ray actor "
+                     "restarts/task retries); see the Ray worker logs (e.g. /tmp/ray/session_latest/logs)", fingerprint)
+
+
+def _release_round(started_embedded: bool, address: Optional[str], executor: ExecutorConfig,
+                   extra_env: dict[str, str], wait_s: float = 30.0) -> None:
+    """Before a retry round: the finished round's actors must give their CPUs back, or the new
+    round's actors can never be scheduled (seen: a dead VideoPass actor's retry round waiting
+    forever behind the first round's two live actors). On the embedded Ray, wait for every CPU to
+    be free and restart Ray if they are not; on a cluster (other jobs may hold CPUs) go on, and
+    the stall watchdog bounds the wait."""
+    import gc
+
+    import ray
+
+    gc.collect()  # drop the finished dataset's executor and actor handles
+    if not started_embedded:
+        return
+    deadline = time.monotonic() + wait_s
+    total = ray.cluster_resources().get("CPU", 0.0)
+    while time.monotonic() < deadline:
+        if ray.available_resources().get("CPU", 0.0) >= total - 1e-6:
+            return
+        time.sleep(0.5)
+    log.warning("the last round's actors still hold CPUs after %.0f s; restarting the embedded Ray", wait_s)
+    ray.shutdown()
+    _start_ray(address, executor.workers, executor, extra_env)
 
 
 def build_corpus_ray(
@@ -539,8 +712,10 @@ def build_corpus_ray(
     workers: Optional[int] = None,
     progress: bool = True,
     executor: Optional[ExecutorConfig] = None,
+    resplit: bool = False,
 ) -> BuildResult:
-    """Build a corpus with Ray Data: stream every unfinished source through the stage graph, then finalise.
+    """Build a corpus with Ray Data: stream every new, unfinished or changed source (see
+    emo_data.resume) through the stage graph, then finalise.
 
     ``address=None`` starts an embedded local Ray with ``workers`` (default: all) CPUs;
     ``"auto"`` / ``"ray://host:10001"`` / ``"host:port"`` join a running cluster, whose workers
@@ -552,57 +727,75 @@ def build_corpus_ray(
         executor.workers = workers
     if executor.crash_on_source is None and os.environ.get(FAULT_ENV):
         executor.crash_on_source = os.environ[FAULT_ENV]
-    sources = read_sources(sources) if isinstance(sources, str) else list(sources)
     out_dir = os.path.abspath(out_dir)
-    if config.audio_features.enabled:
-        from emo_data.audio_features import check_audio_encoder
-
-        check_audio_encoder(config.audio_features)  # fail before any work, with a how-to
+    sources, resume = prepare_sources(sources, out_dir, config, resplit)
     os.makedirs(staging_dir(out_dir), exist_ok=True)
-    todo = [s for s in sources if not is_done(out_dir, s.source_id)]
+    todo = list(resume.todo)
     # Longest first: the last source to start bounds the wall time on a small pool.
     probe = len(todo) <= 2000  # header probes cost ~10 ms each; huge corpora just go by file size
     todo.sort(key=lambda s: -_cost(s.path, probe))
+    # A token given in the config reaches the workers through their environment only: the
+    # config they receive (to_dict) never holds it.
+    extra_env = {"PYANNOTE_TOKEN": config.speech.pyannote_token} if config.speech.pyannote_token else {}
     start = time.time()
     totals = {"clips": 0.0, "kept_s": 0.0, "in_s": 0.0, "failed": 0.0}
     rounds = 0
+    stalled = False
     timeline: list[dict] = []
     plan = None
     if todo:
-        started = _start_ray(address, executor.workers, executor)
-        try:
-            import ray
-
-            resources = ray.cluster_resources()
-            plan = _plan(config, executor, len(todo), resources.get("CPU", 1.0), resources.get("GPU", 0.0))
-            ledger = _Ledger(todo, out_dir)
-            # On a terminal Ray Data draws a live bar per operator (stage) and sealed sources are
-            # printed above it, one line each; elsewhere one tqdm bar counts sealed sources.
-            stage_bars = progress and sys.stderr.isatty() and sys.stdout.isatty()
-            with _SealProgress(len(todo), progress, stage_bars) as bar:
-                for rounds in range(1, executor.source_retries + 2):
-                    remaining = [s for s in todo if not is_done(out_dir, s.source_id)]
-                    if not remaining:
-                        rounds -= 1
-                        break
-                    if rounds > 1:
-                        log.warning("round %d: %d source(s) unsealed after a worker crash, retrying", rounds, len(remaining))
-                    _run_round(remaining, out_dir, config, executor, plan, ledger, bar, stage_bars, totals, timeline, start)
-                for source in todo:
-                    if not is_done(out_dir, source.source_id):
-                        _seal_crashed(source, out_dir, rounds)
-                        bar.sealed(source.source_id, "failed", {"duration_s": 0.0}, totals)
-        finally:
-            if started:
+        verbose = log.isEnabledFor(logging.INFO)
+        # On a terminal Ray Data draws a live bar per operator (stage) and sealed sources are
+        # printed above it, one line each; elsewhere one tqdm bar counts sealed sources.
+        stage_bars = progress and sys.stderr.isatty() and sys.stdout.isatty()
+        with _native_logs_hidden(not verbose):
+            started = _start_ray(address, executor.workers, executor, extra_env)
+            try:
                 import ray
 
-                ray.shutdown()
-    summary = finalize_corpus(out_dir, [s.source_id for s in sources], config, wall_s=time.time() - start)
-    _note_executor(out_dir, {"executor": "ray", "address": address or "embedded", "workers": executor.workers,
-                             "plan": asdict(plan) if plan else None, "executor_config": executor.to_dict(),
-                             "rounds": rounds, "processed": len(todo), "skipped": len(sources) - len(todo),
-                             "sources": timeline})
-    return BuildResult(summary=summary, out_dir=out_dir, processed=len(todo), skipped=len(sources) - len(todo))
+                resources = ray.cluster_resources()
+                plan = _plan(config, executor, len(todo), resources.get("CPU", 1.0), resources.get("GPU", 0.0))
+                ledger = _Ledger(todo, out_dir, resume.fingerprints)
+                with _SealProgress(len(todo), progress, stage_bars) as bar:
+                    for rounds in range(1, executor.source_retries + 2):
+                        remaining = [s for s in todo if not is_done(out_dir, s.source_id)]
+                        if not remaining:
+                            rounds -= 1
+                            break
+                        if rounds > 1:
+                            log.warning("round %d: %d source(s) unsealed after a worker crash, retrying", rounds, len(remaining))
+                            _release_round(started and not address, address, executor, extra_env)
+                        if not _run_round(remaining, out_dir, config, executor, plan, ledger, bar, stage_bars, totals,
+                                          timeline, start):
+                            stalled = True
+                            break
+                    for source in todo:
+                        if is_done(out_dir, source.source_id):
+                            continue
+                        if stalled:
+                            _seal_unfinished(source, out_dir, "stalled",
+                                             f"the build delivered no output for {executor.stall_timeout_s:g} s "
+                                             "(ExecutorConfig.stall_timeout_s / --stall-timeout) while this source was "
+                                             "unfinished; the build was ended", resume.fingerprints.get(source.source_id))
+                        else:
+                            _seal_crashed(source, out_dir, rounds, resume.fingerprints.get(source.source_id))
+                        bar.sealed(source.source_id, "failed", {"duration_s": 0.0}, totals)
+            finally:
+                if started:
+                    import ray
+
+                    ray.shutdown()
+        if stalled:
+            log.warning("stall watchdog: no progress for %g s; unfinished sources are failed rows (reason stalled)",
+                        executor.stall_timeout_s)
+    summary = finalize_corpus(out_dir, sources, config, wall_s=time.time() - start if todo else 0.0,
+                              processed=[s.source_id for s in todo], resplit=resplit)
+    if not summary.unchanged:
+        _note_executor(out_dir, {"executor": "ray", "address": address or "embedded", "workers": executor.workers,
+                                 "plan": asdict(plan) if plan else None, "executor_config": executor.to_dict(),
+                                 "rounds": rounds, "stalled": stalled, "processed": len(todo),
+                                 "skipped": len(sources) - len(todo), "sources": timeline})
+    return BuildResult(summary=summary, out_dir=out_dir, processed=len(todo), skipped=len(sources) - len(todo), plan=resume)
 
 
 def _note_executor(out_dir: str, info: dict[str, Any]) -> None:
