@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 from typing import Optional
 
 from .config import BuildConfig
@@ -73,7 +74,16 @@ def _add_build_args(p: argparse.ArgumentParser) -> None:
                    help="JSON file with (part of) an ExecutorConfig: per-stage num_cpus / num_gpus / concurrency / batch_size (docs/ray.md)")
     p.add_argument("--max-failure-fraction", type=float, default=None,
                    help="exit 1 with a table of failures if more than this share of sources failed (default 1.0: never)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--stall-timeout", type=float, default=None,
+                   help="Ray executor: end the build when no clip or source comes back for this many seconds; "
+                        "unfinished sources become failed rows (reason stalled). Default 900")
+    p.add_argument("--resplit", action="store_true",
+                   help="recompute identities and train/test splits from scratch (by default a re-run keeps those of "
+                        "existing samples and fits new ones around them); needed to change --test-fraction / --seed / "
+                        "the identity threshold of an existing corpus")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress output: only the summary (and errors)")
+    p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                   help="also show Ray's internal notices and worker output")
 
 
 def cmd_build(args) -> int:
@@ -89,6 +99,8 @@ def cmd_build(args) -> int:
             executor = ExecutorConfig.from_dict(json.load(fh))
     if args.max_failure_fraction is not None:
         executor.max_failure_fraction = args.max_failure_fraction
+    if args.stall_timeout is not None:
+        executor.stall_timeout_s = args.stall_timeout
     try:
         if args.executor == "local" and args.address:
             raise ValueError("--address needs --executor ray")
@@ -96,17 +108,24 @@ def cmd_build(args) -> int:
             from pipelines.ray_build import build_corpus_ray
 
             result = build_corpus_ray(args.sources, args.out, config, address=args.address, workers=args.workers,
-                                      progress=not args.quiet, executor=executor)
+                                      progress=not args.quiet, executor=executor, resplit=args.resplit)
         else:
-            result = build_corpus(args.sources, args.out, config, progress=not args.quiet)
+            if args.stall_timeout is not None:
+                raise ValueError("--stall-timeout needs --executor ray")
+            result = build_corpus(args.sources, args.out, config, progress=not args.quiet, resplit=args.resplit)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         print(f"emo-data build: error: {exc}", file=sys.stderr)
         return 2
     print(result.summary.format())
     print(f"shards    {', '.join(result.summary.shards) or 'none'} in {args.out}")
     print(f"manifest  {os.path.join(args.out, 'manifest.parquet')}")
+    redone = len(result.plan.redo) if result.plan else 0
     if result.skipped:
         print(f"resumed   {result.skipped} sources were already done, {result.processed} processed now")
+    if redone:
+        print(f"redone    {redone} sources changed since they were staged (config or input file):")
+        for line in result.plan.describe():
+            print(f"          {line}")
     if too_many_failures(result.summary.sources, result.summary.sources_failed, executor.max_failure_fraction):
         print(f"emo-data build: error: {result.summary.sources_failed} of {result.summary.sources} sources failed "
               f"(more than --max-failure-fraction {executor.max_failure_fraction:g}):\n{failure_table(args.out)}", file=sys.stderr)
@@ -255,6 +274,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:
+        # Libraries' deprecation notices (torch.jit.load in silero-vad, ...) are for developers: -v shows them.
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     return int(args.func(args) or 0)
 

@@ -118,8 +118,8 @@ def prepare_sources(sources: Iterable[Source] | str, out_dir: str, config: Build
     sources = read_sources(sources, previous_ids=staged_paths(out_dir)) if isinstance(sources, str) else list(sources)
     check_resplit(out_dir, config, resplit)
     plan = plan_resume(out_dir, sources, config)
-    for line in plan.describe():
-        log.warning("redoing %s", line)
+    if plan.redo:
+        log.warning("redoing %d source(s) that changed since they were staged, e.g. %s", len(plan.redo), plan.describe(1)[0])
     if plan.todo and config.audio_features.enabled:
         from emo_data.audio_features import check_audio_encoder
 
