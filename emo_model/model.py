@@ -182,6 +182,8 @@ class EMOModel(ModelMixin, ConfigMixin):
         cache: Optional[dict] = None,
         reference_latents: Optional[torch.Tensor] = None,
         motion_latents: Optional[torch.Tensor] = None,
+        reference_keep: Optional[torch.Tensor] = None,
+        motion_keep: Optional[torch.Tensor] = None,
         return_dict: bool = True,
     ):
         """Denoise video latents.
@@ -206,11 +208,23 @@ class EMOModel(ModelMixin, ConfigMixin):
                 automatically in ``reference`` (a :class:`ReferenceFeatures` lives for one clip).
             reference_latents / motion_latents: instead of ``reference``, run the ReferenceNet
                 here (training: one forward call, so a DDP wrapper sees every parameter).
+            reference_keep / motion_keep: ``[B]`` bool, per-sample condition dropout for training
+                (classifier-free guidance). A dropped sample sees no reference tokens (masked out of
+                the reference-attention: the same result as ``use_reference=False``) / zero motion
+                features (the first-clip input). The ReferenceNet stays in the autograd graph.
         Returns ``EMOModelOutput(sample=[B, C_out, F, H, W])``.
         """
         b, c, f, h, w = sample.shape
         if reference is None and reference_latents is not None:
             reference = self.encode_reference(reference_latents, motion_latents)
+        if motion_keep is not None and reference is not None and reference.motion is not None and not bool(motion_keep.all()):
+            n_mot = reference.num_motion_frames
+            keep = motion_keep.to(device=sample.device).repeat_interleave(n_mot)
+            reference = ReferenceFeatures(
+                reference=reference.reference,
+                motion={k: v * keep.to(v.dtype).view(-1, *([1] * (v.ndim - 1))) for k, v in reference.motion.items()},
+                num_motion_frames=n_mot,
+            )
         x = sample.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w)
         n = self.config.num_motion_frames
         if audio_tokens is None and audio_features is not None:
@@ -232,6 +246,7 @@ class EMOModel(ModelMixin, ConfigMixin):
             context=self._context(x.dtype),
             num_frames=f,
             reference=reference.reference if (reference is not None and use_reference) else None,
+            reference_keep=reference_keep,
             clip_cache=reference.kv_cache if reference is not None else None,
             cache=cache,
             motion=reference.motion if (reference is not None and use_motion) else None,

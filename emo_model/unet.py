@@ -56,6 +56,7 @@ class Conditions:
     context: torch.Tensor  # [1 or N, S, cross_dim] fixed text-slot context (broadcast over N = batch * frames)
     num_frames: int = 1
     reference: Optional[dict] = None  # key -> [B, M, C] ReferenceNet self-attention inputs
+    reference_keep: Optional[torch.Tensor] = None  # [B] bool: per-sample reference dropout (training; None = keep all)
     motion: Optional[dict] = None  # key -> [B * n, C, H, W] motion-frame features
     num_motion_frames: int = 0
     temporal: bool = True  # False: temporal modules are skipped (stage-1 image training)
@@ -305,7 +306,16 @@ class TransformerBlock(nn.Module):
         v = torch.cat([a.to_v(h), v_ref], dim=1)
         heads = a.heads
         q, k, v = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v)
+        mask = None
+        keep = cond.reference_keep
+        if keep is not None and not bool(keep.all()):
+            # Per-sample reference dropout: a dropped sample's queries may not see the reference
+            # keys, which is exactly SD self-attention (softmax over its own tokens only), while
+            # the ReferenceNet stays in the graph of every step (DDP needs no unused parameters).
+            own = torch.ones(n, h.shape[1], dtype=torch.bool, device=h.device)
+            ref_ok = keep.to(device=h.device, dtype=torch.bool).repeat_interleave(frames_per_ref)[:, None]
+            mask = torch.cat([own, ref_ok.expand(n, k_ref.shape[1])], dim=1)[:, None, None, :]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         out = out.transpose(1, 2).flatten(2).to(q.dtype)
         return a.to_out[0](out)
 
