@@ -22,6 +22,7 @@ class AnalysedSource:
     probe: ProbeInfo
     audio: AudioTrack
     speech: list[SpeechSegment]
+    vocals: Optional[AudioTrack] = None   # the separated voice (emo_data.vocals), when separation ran
 
 
 class SourceAnalysisError(Exception):

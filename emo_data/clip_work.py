@@ -15,7 +15,7 @@ import numpy as np
 
 from .audio_features import AudioFeatureInput
 from .config import BuildConfig
-from .manifest import ManifestRow
+from .manifest import ManifestRow, gate_fields
 from .pose import HeadMotion, HeadPoseInput, HeadPoseStage
 from .samples import SampleAssemblyStage, SampleInput
 from .stage import StageError
@@ -28,10 +28,22 @@ class ClipInFlight:
     motion: Optional[HeadMotion] = None
     audio_emb: Optional[np.ndarray] = None           # [T, L, D]
     audio_emb_info: Optional[dict[str, Any]] = None
+    rejected: Optional[RejectedSpan] = None          # set when a per-clip gate rejected the clip
 
     @property
     def key(self) -> str:
         return self.clip.key
+
+
+def apply_sync_gate(item: ClipInFlight, stage) -> ClipInFlight:
+    """``stage`` is a set-up :class:`emo_data.sync.gate.SyncGateStage`. A rejected clip keeps its
+    (scored) candidate for the row and carries ``rejected``; later steps skip it."""
+    outcome = stage(item.clip)
+    if outcome.clip is None:
+        item.rejected = outcome.rejected
+    else:
+        item.clip = outcome.clip
+    return item
 
 
 def add_head_motion(item: ClipInFlight, stage: HeadPoseStage, crop_size: int) -> ClipInFlight:
@@ -46,8 +58,10 @@ def add_head_motion(item: ClipInFlight, stage: HeadPoseStage, crop_size: int) ->
 def add_audio_features(item: ClipInFlight, stage) -> ClipInFlight:
     """``stage`` is a set-up :class:`emo_data.audio_features.AudioFeatureStage`."""
     clip = item.clip
-    item.audio_emb = stage(AudioFeatureInput(clip.audio, clip.num_frames, clip.fps))
+    # the separated voice when vocal separation ran (the stored wav stays the mix)
+    item.audio_emb = stage(AudioFeatureInput(clip.voice, clip.num_frames, clip.fps))
     item.audio_emb_info = {
+        "audio_source": clip.audio_source,
         "encoder": stage.model_id,
         "layers": stage.config.layers,
         "num_layers": int(item.audio_emb.shape[1]),
@@ -79,6 +93,7 @@ def clip_row(clip: ClipCandidate, sample: ClipSample) -> dict[str, Any]:
         status="clip", key=clip.key, start_s=clip.start_s, end_s=clip.start_s + seconds, duration_s=seconds,
         num_frames=clip.num_frames, face_size=clip.scores.get("face_size_mean"),
         head_speed_mean=sample.meta["head_speed_mean"], identity=clip.source.identity, **_source_fields(clip.source),
+        **gate_fields(clip.sync, clip.quality),
     ).to_dict()
     emb = clip.identity_embedding
     row["identity_embedding"] = None if emb is None else np.asarray(emb, np.float32).tolist()
@@ -88,8 +103,17 @@ def clip_row(clip: ClipCandidate, sample: ClipSample) -> dict[str, Any]:
 def rejected_row(source: Source, span: RejectedSpan) -> dict[str, Any]:
     return ManifestRow(
         status="rejected", start_s=span.start_s, end_s=span.end_s, duration_s=span.end_s - span.start_s,
-        reason=span.reason, stage=span.stage, detail=span.detail, **_source_fields(source),
+        reason=span.reason, stage=span.stage, detail=span.detail, key=span.key, **_source_fields(source),
+        **gate_fields(span.scores and {**span.scores, "decision": "reject"}),
     ).to_dict()
+
+
+def gate_rejected_row(item: ClipInFlight) -> dict[str, Any]:
+    """The row of a clip a per-clip gate rejected: its span, reason and every score."""
+    row = rejected_row(item.clip.source, item.rejected)
+    row.update(gate_fields({**(item.clip.sync or {}), "decision": "reject"}, item.clip.quality))
+    row["num_frames"] = item.clip.num_frames
+    return row
 
 
 def failed_row(source: Source, stage: str, exc: BaseException) -> dict[str, Any]:
@@ -100,6 +124,12 @@ def failed_row(source: Source, stage: str, exc: BaseException) -> dict[str, Any]
         reason = "exception"
         detail = f"{type(exc).__name__}: {exc}\n" + "".join(traceback.format_exception(type(exc), exc, exc.__traceback__, limit=4))
     return ManifestRow(status="failed", reason=reason, stage=stage, detail=detail, **_source_fields(source)).to_dict()
+
+
+def staged_totals(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """A source's kept clips and seconds as its rows say (after the per-clip gates)."""
+    clips = [r for r in rows if r.get("status") == "clip"]
+    return {"clips": len(clips), "kept_s": float(sum(r.get("duration_s") or 0.0 for r in clips))}
 
 
 def order_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -1,10 +1,11 @@
 """The single video pass: scene cuts, faces, speech -> selected, cropped clips.
 
 Frames stream through once. Each frame is judged (one face of sufficient size, speech active,
-no scene cut); runs of good frames become clips of bounded length, runs of bad frames become
-rejected spans with a reason. Only the frames of the clip being assembled are held, cropped to
-a square around the face ("buffer region"), so memory is bounded by the clip length, not the
-video length.
+no scene cut); :class:`emo_data.segmenter.ClipSegmenter` turns the verdicts into clips of
+bounded length and rejected spans with a reason. Only the frames of the clip being assembled
+are held, cropped to a square around the face ("buffer region"), so memory is bounded by the
+clip length, not the video length. Each clip leaves with what the per-clip gates need: the
+source audio around it (for offset search and correction) and its mouth signals.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from .config import BuildConfig
 from .decode import DecodedFrame, iter_frames
 from .scenes import SceneCutDetector
 from .schema import encode_mp4
+from .segmenter import TOO_SHORT, ClipClosed, ClipOpened, ClipSegmenter, FramesRejected
 from .stage import Stage
 from .types import AudioTrack, ClipCandidate, Face, ProbeInfo, RejectedSpan, Source, SpeechSegment
 
@@ -25,7 +27,6 @@ NO_FACE = "no_face"
 MULTI_FACE = "multi_face"
 SMALL_FACE = "face_too_small"
 NO_SPEECH = "no_speech"
-TOO_SHORT = "too_short"
 
 
 @dataclass
@@ -34,6 +35,7 @@ class VideoPassInput:
     probe: ProbeInfo
     audio: AudioTrack
     speech: list[SpeechSegment]
+    vocals: Optional[AudioTrack] = None    # the separated voice, when vocal separation ran
 
 
 @dataclass
@@ -76,8 +78,47 @@ def _square_around(box: np.ndarray, side: float, width: int, height: int) -> np.
     return np.array([x0, y0, x0 + side, y0 + side], dtype=np.float32)
 
 
-def _inside(box: np.ndarray, region: np.ndarray) -> bool:
-    return bool(box[0] >= region[0] and box[1] >= region[1] and box[2] <= region[2] and box[3] <= region[3])
+def _long_side(box: np.ndarray) -> float:
+    return float(max(box[2] - box[0], box[3] - box[1]))
+
+
+def _fits(box: np.ndarray, region: np.ndarray, width: int, height: int, tolerance: float = 1.0) -> bool:
+    """Is the face inside the crop region, as far as the frame lets it be? A face cut by the
+    frame border is judged by its visible part: the region cannot reach past the border either."""
+    x0, y0 = max(float(box[0]), 0.0), max(float(box[1]), 0.0)
+    x1, y1 = min(float(box[2]), float(width)), min(float(box[3]), float(height))
+    return bool(x0 >= region[0] - tolerance and y0 >= region[1] - tolerance
+                and x1 <= region[2] + tolerance and y1 <= region[3] + tolerance)
+
+
+class _SpeechLookup:
+    """``lookup(t)``: is speech active at source time t? Frames arrive in time order, so a cursor
+    walks the sorted segments once (streaming, O(frames + segments))."""
+
+    def __init__(self, segments: list[SpeechSegment]):
+        self.segments = sorted(segments, key=lambda s: s.start_s)
+        self.cursor = 0
+
+    def __call__(self, t: float) -> bool:
+        segs = self.segments
+        while self.cursor < len(segs) and segs[self.cursor].end_s < t:
+            self.cursor += 1
+        i = self.cursor
+        while i < len(segs) and segs[i].start_s <= t:
+            if t <= segs[i].end_s:
+                return True
+            i += 1
+        return False
+
+
+class _PassState:
+    """What the video pass carries between frames for one source."""
+
+    def __init__(self, source: Source, item: "VideoPassInput", summary: "VideoPassSummary", fps: float):
+        self.source, self.item, self.summary, self.fps = source, item, summary, fps
+        self.clip: Optional["_OpenClip"] = None
+        self.clip_index = 0
+        self.size = (0, 0)
 
 
 class _OpenClip:
@@ -103,9 +144,16 @@ class _OpenClip:
             interp = cv2.INTER_AREA if crop.shape[0] > 2 * self.store_side else cv2.INTER_LINEAR
             crop = cv2.resize(crop, (self.store_side, self.store_side), interpolation=interp)
         self.images.append(np.ascontiguousarray(crop))
-        self.boxes.append(face.box.astype(np.float32))
+        # A face partly outside the frame (or larger than the region) is clamped to the region on
+        # every frame, so boxes, mask and crop always agree.
+        r = self.region
+        self.boxes.append(np.clip(face.box, [r[0], r[1], r[0], r[1]], [r[2], r[3], r[2], r[3]]).astype(np.float32))
         self.landmarks.append(face.landmarks.astype(np.float32))
         self.poses.append(face.pose)
+
+    def truncate(self, length: int) -> None:
+        """Keep the first ``length`` frames (drop bridged frames no good frame followed)."""
+        del self.images[length:], self.boxes[length:], self.landmarks[length:], self.poses[length:]
 
     def __len__(self) -> int:
         return len(self.images)
@@ -129,22 +177,31 @@ class VideoPassStage(Stage[VideoPassInput, Iterator[VideoPassItem]]):
         self.backend.setup()
 
     # ------------------------------------------------------------------ per-frame verdict
-    def _verdict(self, faces: list[Face], speaking: bool, width: int, height: int) -> Optional[str]:
+    def _verdict(self, faces: list[Face], speaking: bool, width: int, height: int,
+                 seen: dict[int, int]) -> tuple[Optional[str], Optional[Face]]:
+        """(reason or None, the one face). A face far below the size limit (a crowd in the
+        background) is not a second person; neither is a detection that has not been confirmed
+        by ``second_face_min_detections`` detections in a row or scores far below the main face."""
         from .faces.base import min_face_side
 
         limit = min_face_side(self.config.face, width, height)
-        sizes = [float(max(f.box[2] - f.box[0], f.box[3] - f.box[1])) for f in faces]
-        # Faces far below the size limit (crowds in the background) do not count as a second face.
-        relevant = [s for s in sizes if s >= 0.5 * limit]
+        relevant = [f for f in faces if _long_side(f.box) >= 0.5 * limit]
         if not relevant:
-            return NO_FACE
-        if len(relevant) > 1:
-            return MULTI_FACE
-        if max(sizes) < limit:
-            return SMALL_FACE
+            return NO_FACE, None
+        # the most confident detection is the face (a large but weak detection on a badge or a
+        # shirt pattern must not displace it); area breaks ties
+        main = max(relevant, key=lambda f: (f.score, (f.box[2] - f.box[0]) * (f.box[3] - f.box[1])))
+        confirmed_after = max(int(self.config.face.detect_every), 1) * (int(self.config.clip.second_face_min_detections) - 1)
+        ratio = float(self.config.clip.second_face_min_score_ratio)
+        others = [f for f in relevant if f is not main and seen.get(f.track_id, 0) > confirmed_after
+                  and f.score >= ratio * main.score]
+        if others:
+            return MULTI_FACE, None
+        if _long_side(main.box) < limit:
+            return SMALL_FACE, main
         if not speaking:
-            return NO_SPEECH
-        return None
+            return NO_SPEECH, main
+        return None, main
 
     def process(self, item: VideoPassInput) -> Iterator[VideoPassItem]:
         from .faces import FaceTracker
@@ -156,101 +213,72 @@ class VideoPassStage(Stage[VideoPassInput, Iterator[VideoPassItem]]):
         scenes = SceneCutDetector(cfg.scene)
         summary = VideoPassSummary(source_id=source.source_id)
         summary.speech_s = float(sum(s.end_s - s.start_s for s in item.speech))
-        min_frames = int(round(cfg.clip.min_seconds * fps))
-        max_frames = int(round(cfg.clip.max_seconds * fps))
+        segmenter = ClipSegmenter(
+            min_frames=int(round(cfg.clip.min_seconds * fps)), max_frames=int(round(cfg.clip.max_seconds * fps)),
+            max_gap=cfg.clip.max_gap_frames, bridgeable=(SMALL_FACE, NO_SPEECH),
+        )
         store_side = int(np.ceil(cfg.clip.crop_size * cfg.clip.buffer_scale / cfg.clip.crop_scale))
+        speaking_at = _SpeechLookup(item.speech)
+        seen: dict[int, int] = {}        # track id -> frames it has been visible (second-face persistence)
+        state = _PassState(source, item, summary, fps)
 
-        clip: Optional[_OpenClip] = None
-        clip_index = 0
-        reject: Optional[list] = None  # [reason, first_index, last_index]
-        speech_segments = sorted(item.speech, key=lambda s: s.start_s)
-
-        def speaking_at(t: float) -> bool:
-            # Segments are few; a linear scan per frame is cheap and keeps this streaming.
-            for seg in speech_segments:
-                if seg.start_s <= t <= seg.end_s:
-                    return True
-                if seg.start_s > t:
-                    break
-            return False
-
-        def close_reject() -> Iterator[VideoPassItem]:
-            nonlocal reject
-            if reject is not None:
-                reason, lo, hi = reject
-                span = RejectedSpan(source.source_id, source.path, lo / fps, (hi + 1) / fps, reason)
-                summary.rejected_s[reason] = summary.rejected_s.get(reason, 0.0) + span.end_s - span.start_s
-                reject = None
-                yield span
-
-        def add_reject(reason: str, index: int) -> Iterator[VideoPassItem]:
-            nonlocal reject
-            if reject is not None and (reject[0] != reason or reject[2] != index - 1):
-                yield from close_reject()
-            if reject is None:
-                reject = [reason, index, index]
-            else:
-                reject[2] = index
-
-        def close_clip(ended_by: str) -> Iterator[VideoPassItem]:
-            nonlocal clip, clip_index
-            if clip is None:
-                return
-            finished, clip = clip, None
-            if len(finished) >= min_frames:
-                candidate = self._assemble(source, item.audio, finished, clip_index, (probe_w, probe_h))
-                clip_index += 1
-                summary.clips += 1
-                summary.kept_s += candidate.num_frames / fps
-                yield candidate
-            else:
-                lo = finished.first_index
-                span = RejectedSpan(
-                    source.source_id, source.path, lo / fps, (lo + len(finished)) / fps, TOO_SHORT,
-                    detail=f"{len(finished)} good frames < {min_frames}; ended by {ended_by}",
-                )
-                summary.rejected_s[TOO_SHORT] = summary.rejected_s.get(TOO_SHORT, 0.0) + span.end_s - span.start_s
-                yield span
-
-        probe_w = probe_h = 0
-        frame: Optional[DecodedFrame] = None
         for frame in iter_frames(source.path, fps=fps, threads=cfg.decode.threads):
             summary.frames += 1
-            probe_w, probe_h = frame.size
+            width, height = state.size = frame.size
             size = cfg.scene.analysis_size
             if scenes.update(frame.resized(size, size)):
                 summary.scene_cuts += 1
                 tracker.reset()
-                yield from close_clip("scene_cut")
+                seen.clear()
+                yield from self._apply(state, segmenter.cut())
             speaking = speaking_at(frame.time_s)
-            faces = tracker.update(frame, frame.index, need_landmarks=speaking or clip is not None)
-            reason = self._verdict(faces, speaking, probe_w, probe_h)
-            if reason is None:
-                face = max(faces, key=lambda f: (f.box[2] - f.box[0]) * (f.box[3] - f.box[1]))
-                image = frame.image
-                if face.landmarks is None:
-                    face.landmarks = self.backend.landmarks(image, [face.box])[0]
-                if clip is not None and (len(clip) >= max_frames or not _inside(face.box, clip.region)):
-                    yield from close_clip("max_length" if len(clip) >= max_frames else "face_left_crop")
-                if clip is None:
-                    yield from close_reject()
-                    side = cfg.clip.buffer_scale * float(max(face.box[2] - face.box[0], face.box[3] - face.box[1]))
-                    region = _square_around(face.box, side, probe_w, probe_h)
-                    clip = _OpenClip(region, min(store_side, int(region[2] - region[0])), frame.index)
-                    if not _inside(face.box, region):  # face larger than the frame allows: clamp box
-                        face.box = np.clip(face.box, [region[0], region[1], region[0], region[1]], [region[2], region[3], region[2], region[3]]).astype(np.float32)
-                clip.add(image, face)
-            else:
-                yield from close_clip(reason)
-                yield from add_reject(reason, frame.index)
-        yield from close_clip("end_of_video")
-        yield from close_reject()
+            faces = tracker.update(frame, frame.index, need_landmarks=speaking or segmenter.is_open)
+            for f in faces:
+                seen[f.track_id] = seen.get(f.track_id, 0) + 1
+            reason, face = self._verdict(faces, speaking, width, height, seen)
+            if face is not None and face.landmarks is None and (reason is None or segmenter.is_open):
+                face.landmarks = self.backend.landmarks(frame.image, [face.box])[0]
+            usable = face is not None and face.landmarks is not None
+            fits = state.clip is None or face is None or _fits(face.box, state.clip.region, width, height)
+            events, joins = segmenter.frame(frame.index, reason, fits=fits, usable=usable)
+            yield from self._apply(state, events)
+            if joins:
+                if state.clip is None:   # the segmenter opened a clip on this frame
+                    side = cfg.clip.buffer_scale * _long_side(face.box)
+                    region = _square_around(face.box, side, width, height)
+                    state.clip = _OpenClip(region, min(store_side, int(region[2] - region[0])), frame.index)
+                state.clip.add(frame.image, face)
+        yield from self._apply(state, segmenter.finish())
         summary.duration_s = summary.frames / fps
         yield summary
 
+    def _apply(self, state: "_PassState", events) -> Iterator[VideoPassItem]:
+        """Turn segmenter events into clips (assembled from the buffered frames) and spans."""
+        fps = state.fps
+        for event in events:
+            if isinstance(event, ClipClosed):
+                clip, state.clip = state.clip, None
+                clip.truncate(event.length)
+                candidate = self._assemble(state.source, state.item, clip, state.clip_index, state.size)
+                state.clip_index += 1
+                state.summary.clips += 1
+                state.summary.kept_s += candidate.num_frames / fps
+                yield candidate
+            elif isinstance(event, FramesRejected):
+                if state.clip is not None and event.reason == TOO_SHORT:
+                    state.clip = None    # a clip that closed too short: drop its frames
+                span = RejectedSpan(state.source.source_id, state.source.path, event.first / fps, (event.last + 1) / fps,
+                                    event.reason, detail=event.detail)
+                state.summary.rejected_s[event.reason] = state.summary.rejected_s.get(event.reason, 0.0) + span.end_s - span.start_s
+                yield span
+            elif isinstance(event, ClipOpened):
+                state.clip = None        # the frame loop creates the buffer for the new clip
+
     # ------------------------------------------------------------------ clip assembly
-    def _assemble(self, source: Source, audio: AudioTrack, clip: _OpenClip, clip_index: int, source_size) -> ClipCandidate:
+    def _assemble(self, source: Source, item: VideoPassInput, clip: _OpenClip, clip_index: int, source_size) -> ClipCandidate:
         import cv2
+
+        from .sync.signals import mouth_darkness, mouth_motion
 
         cfg = self.config
         fps = cfg.decode.fps
@@ -281,18 +309,34 @@ class VideoPassStage(Stage[VideoPassInput, Iterator[VideoPassItem]]):
         n = len(frames)
         picks = np.unique(np.linspace(0, n - 1, max(1, cfg.face.embed_frames)).round().astype(int))
         embeddings = []
+        embed_errors: list[str] = []
         for i in picks:
             face = Face(box=crop_boxes[i].astype(np.float32), landmarks=crop_landmarks[i].astype(np.float32))
             try:
                 embeddings.append(np.asarray(self.backend.embed(frames[i], face), np.float32))
-            except Exception:  # noqa: BLE001 - an embedding failure leaves the clip without identity
-                continue
+            except Exception as exc:  # noqa: BLE001 - recorded below: the clip then has no identity embedding
+                embed_errors.append(f"{type(exc).__name__}: {exc}")
         if embeddings:
             identity = np.mean(embeddings, axis=0).astype(np.float32)
 
+        fmt = self.backend.landmark_format
+        motion = mouth_motion(frames, crop_landmarks, fmt)
+        darkness = mouth_darkness(frames, crop_landmarks, fmt)
         mp4 = encode_mp4(frames, fps, crf=cfg.clip.mp4_crf, preset=cfg.clip.mp4_preset)
+        del frames
         start_s = clip.first_index / fps
-        samples = audio.segment(start_s, int(round(n * audio.sample_rate / fps)))
+        audio = item.audio
+        per_frame = audio.sample_rate / fps
+        samples = audio.segment(start_s, int(round(n * per_frame)))
+        # The source's audio around the clip: the sync gate searches offsets in it and re-cuts
+        # the clip's audio from it without going back to the file.
+        pad = int(cfg.sync.max_offset) if cfg.sync.enabled else 0
+        context_start = start_s - pad / fps
+        context_len = int(round((n + 2 * pad) * per_frame))
+        context = audio.segment(context_start, context_len)
+        track_lo = int(round((audio.start_s - context_start) * audio.sample_rate))
+        valid = (min(max(track_lo, 0), context_len), min(max(track_lo + len(audio.samples), 0), context_len))
+        vocals = item.vocals.segment(context_start, context_len) if item.vocals is not None else None
         poses = clip.poses
         backend_pose = np.stack(poses).astype(np.float32) if all(p is not None for p in poses) else None
         face_sizes = (crop_boxes[:, 2] - crop_boxes[:, 0]) / S
@@ -315,7 +359,15 @@ class VideoPassStage(Stage[VideoPassInput, Iterator[VideoPassItem]]):
                 "face_size_mean": float(face_sizes.mean()),
                 "crop_source_px": float(crop_box[2] - crop_box[0]),
                 "upscale": float(to_crop),
+                "identity_embed_failures": len(embed_errors),
             },
             face_backend=self.backend.name,
             landmark_format=self.backend.landmark_format,
+            audio_context=context,
+            audio_pad_frames=pad,
+            audio_valid=valid,
+            vocals_context=vocals,
+            mouth_motion=motion,
+            mouth_darkness=darkness,
+            audio_source="vocals" if vocals is not None else "mix",
         )

@@ -104,9 +104,24 @@ class ClipConfig(ConfigBase):
     crop_size: int = 512
     crop_scale: float = 1.8         # square crop side = this x the long side of the union face box
     buffer_scale: float = 3.0       # frames are buffered inside a square of this x face size
-    max_gap_frames: int = 3         # a bad run this short inside a good span is tolerated
+    # A run of at most this many frames whose one face is merely too small or silent, inside a
+    # good span, stays in the clip (a blink of the size estimate or a breath does not cut it).
+    max_gap_frames: int = 3
     mp4_crf: int = 18
     mp4_preset: str = "veryfast"
+    # A second face makes a frame multi_face only when it was found by at least this many
+    # detections in a row and scores at least this fraction of the main face's detection score
+    # (a one-off or very weak detection on a badge or a poster is not a second person).
+    second_face_min_detections: int = 2
+    second_face_min_score_ratio: float = 0.25
+
+    def __post_init__(self) -> None:
+        if not 0 < self.min_seconds <= self.max_seconds:
+            raise ValueError(f"clip: need 0 < min_seconds <= max_seconds, got {self.min_seconds}, {self.max_seconds}")
+        if self.crop_size < 16 or self.crop_scale <= 0 or self.buffer_scale < self.crop_scale:
+            raise ValueError("clip: crop_size >= 16, crop_scale > 0 and buffer_scale >= crop_scale are required")
+        if self.max_gap_frames < 0 or self.second_face_min_detections < 1:
+            raise ValueError("clip: max_gap_frames >= 0 and second_face_min_detections >= 1 are required")
 
 
 @dataclass
@@ -143,6 +158,63 @@ class ShardConfig(ConfigBase):
 
 
 @dataclass
+class SyncConfig(ConfigBase):
+    """The lip-sync, frozen-face and face-quality gate run on every clip (docs/sync.md).
+
+    Offsets are in frames; > 0 means the audio is late. Decisions, in order: a mouth that does
+    not move while the voice is active -> ``static_face``; a face-quality score under
+    ``min_face_quality`` -> ``low_quality``; confidence under ``min_confidence`` ->
+    ``out_of_sync``; |offset| <= ``keep_tolerance`` -> keep; a confident offset up to
+    ``max_correction`` -> the clip's audio is re-cut to match the frames (``correct``); a
+    confident larger one -> ``out_of_sync``. ``mode="score"`` stores every score and the decision
+    the gate would take, but keeps every clip as it is.
+    """
+
+    enabled: bool = True                    # False (--no-sync-gate): no scoring, no decisions
+    mode: str = "enforce"                   # enforce | score
+    backend: str = "auto"                   # auto (syncnet when weights are given, else envelope) | envelope | syncnet
+    syncnet_weights: Optional[str] = None   # local syncnet_v2.model / .safetensors
+    device: str = "cpu"                     # the Ray build moves SyncNet to the GPU it was given
+    max_offset: int = 15                    # frames searched each way (SyncNet's convention: +-15 = +-0.6 s)
+    keep_tolerance: int = 1                 # |offset| <= this: keep the clip as it is
+    max_correction: int = 15                # confident |offset| <= this: re-cut the audio to match
+    # None = the backend's default: syncnet 3.0 (LatentSync's threshold); envelope: no rejection
+    # (measured: it cannot tell a dubbed voice from the true one on 2-10 s clips, docs/sync.md)
+    min_confidence: Optional[float] = None
+    # None = the backend's default: syncnet 3.0; envelope 4.0 (well above chance, ~2-2.5)
+    correct_min_confidence: Optional[float] = None
+    static_check: bool = True               # reject a mouth that does not move while the voice is active
+    static_max_motion: float = 0.5          # 90th percentile of mouth motion (grey levels) below this = static
+    min_face_quality: Optional[float] = None  # reject clips whose face quality score is below (None: score only)
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("enforce", "score"):
+            raise ValueError(f"sync.mode must be 'enforce' or 'score', got {self.mode!r}")
+        if self.backend not in ("auto", "envelope", "syncnet"):
+            raise ValueError(f"sync.backend must be auto, envelope or syncnet, got {self.backend!r}")
+        if self.backend == "syncnet" and not self.syncnet_weights:
+            raise ValueError("sync.backend 'syncnet' needs sync.syncnet_weights (--syncnet-weights PATH)")
+        if not (0 <= self.keep_tolerance <= self.max_correction <= self.max_offset):
+            raise ValueError("sync: need 0 <= keep_tolerance <= max_correction <= max_offset, got "
+                             f"{self.keep_tolerance}, {self.max_correction}, {self.max_offset}")
+        if self.static_max_motion < 0:
+            raise ValueError("sync.static_max_motion must be >= 0")
+
+    @property
+    def backend_name(self) -> str:
+        if self.backend == "auto":
+            return "syncnet" if self.syncnet_weights else "envelope"
+        return self.backend
+
+    def thresholds(self) -> tuple[Optional[float], float]:
+        """(min_confidence, correct_min_confidence) with the backend defaults filled in."""
+        syncnet = self.backend_name == "syncnet"
+        min_conf = self.min_confidence if self.min_confidence is not None else (3.0 if syncnet else None)
+        correct = self.correct_min_confidence if self.correct_min_confidence is not None else (3.0 if syncnet else 4.0)
+        return min_conf, correct
+
+
+@dataclass
 class BuildConfig(ConfigBase):
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     speech: SpeechConfig = field(default_factory=SpeechConfig)
@@ -153,6 +225,7 @@ class BuildConfig(ConfigBase):
     audio_features: AudioFeatureConfig = field(default_factory=AudioFeatureConfig)
     identity: IdentityConfig = field(default_factory=IdentityConfig)
     shards: ShardConfig = field(default_factory=ShardConfig)
+    sync: SyncConfig = field(default_factory=SyncConfig)
 
 
 @dataclass
@@ -173,7 +246,8 @@ class ExecutorConfig(ConfigBase):
     The Ray build is a chain of operators: ``analyse`` (probe, audio decode, speech activity or
     diarization: an actor pool holding the speech model) -> ``video`` (the one streaming pass
     over the frames: scene cuts, face model, clip selection, crop, mp4: an actor pool holding
-    the face backend) -> ``head_pose`` (CPU tasks) -> ``audio_features`` (wav2vec actor pool)
+    the face backend) -> ``sync_gate`` (actor pool: lip sync / frozen face / quality; SyncNet on a
+    GPU when there is one) -> ``head_pose`` (CPU tasks) -> ``audio_features`` (wav2vec actor pool)
     -> ``write`` (CPU tasks writing staged parts). The video pass does most of the work, so it
     reserves whole CPUs and ``workers`` counts its actors; the other operators reserve none by
     default and are bounded by their ``concurrency`` instead (on a CPU-only cluster with
@@ -184,6 +258,7 @@ class ExecutorConfig(ConfigBase):
     analyse: StageResources = field(default_factory=lambda: StageResources(num_cpus=0.0))
     video: StageResources = field(default_factory=lambda: StageResources(num_cpus=1.0, num_gpus=0.0))
     # batch_size 1: a batch waits until it is full, and a source is sealed only when its last clip is back
+    sync_gate: StageResources = field(default_factory=lambda: StageResources(num_cpus=0.0))
     head_pose: StageResources = field(default_factory=lambda: StageResources(num_cpus=0.0))
     audio_features: StageResources = field(default_factory=lambda: StageResources(num_cpus=0.0))
     write: StageResources = field(default_factory=lambda: StageResources(num_cpus=0.0))
@@ -211,4 +286,5 @@ _NESTED = {
     "IdentityConfig": IdentityConfig,
     "ShardConfig": ShardConfig,
     "StageResources": StageResources,
+    "SyncConfig": SyncConfig,
 }

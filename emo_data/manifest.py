@@ -45,15 +45,18 @@ class _Entry:
     where: str          # "sources.csv row 3" for messages
 
 
-def _assign_ids(entries: list[_Entry], previous: Optional[dict[str, str]] = None) -> list[Source]:
+def _assign_ids(entries: list[_Entry], previous: Optional[dict[str, Any]] = None) -> list[Source]:
     """Unique ids, decided by a rule that does not depend on manifest order:
 
     - a ``source_id`` given by the manifest is used as is (validated, unique);
     - otherwise the file name's stem; when two sources would share it, *each* of them gets
       ``<stem>-<8 hex of sha1(path)>`` instead, whichever comes first;
-    - ``previous`` (id -> path of sources already sealed in the output folder) wins over both
-      for its path, so adding a same-named file never renames a key that exists.
+    - ``previous`` (id -> path and file size/mtime of sources already sealed in the output
+      folder, :func:`emo_data.staging.staged_paths`) wins over both for the same input file, so
+      adding a same-named file never renames a key that exists.
     """
+    from .staging import same_input
+
     previous = previous or {}
     taken: dict[str, _Entry] = {}
     for e in entries:
@@ -63,12 +66,15 @@ def _assign_ids(entries: list[_Entry], previous: Optional[dict[str, str]] = None
             raise ManifestError(f"{e.where}: source_id {e.source.source_id!r} is also used by {taken[e.source.source_id].where}")
         taken[e.source.source_id] = e
     derived = sorted((e for e in entries if not e.explicit), key=lambda e: e.basis)
+    for a, b in zip(derived, derived[1:]):
+        if a.basis == b.basis:
+            raise ManifestError(f"{b.where}: the same file as {a.where}; list it once, or give each row a source_id")
     stems = {id(e): e.source.source_id for e in derived}
     hashed = {id(e): f"{stems[id(e)]}-{_path_hash(e.basis)}" for e in derived}
     chosen: dict[int, str] = {}
     for e in derived:  # sticky: the id this path had in an earlier build of the same output
         for candidate in (stems[id(e)], hashed[id(e)]):
-            if previous.get(candidate) == e.source.path and candidate not in taken:
+            if candidate in previous and candidate not in taken and same_input(previous[candidate], e.source.path):
                 chosen[id(e)] = candidate
                 taken[candidate] = e
                 break
@@ -91,14 +97,14 @@ def _assign_ids(entries: list[_Entry], previous: Optional[dict[str, str]] = None
     return [e.source for e in entries]
 
 
-def read_sources(spec: str, previous_ids: Optional[dict[str, str]] = None) -> list[Source]:
+def read_sources(spec: str, previous_ids: Optional[dict[str, Any]] = None) -> list[Source]:
     """A manifest CSV/parquet (column ``path`` required), a directory, or a glob -> sources.
 
     Relative paths in a manifest are resolved against the manifest's own folder, so a manifest
     can travel with its footage. Optional columns: ``source_id`` (letters, digits, ``_``, ``-``),
     ``kind``, ``language``, ``licence``, ``identity`` (or ``speaker``), ``audio_stream`` (which of
     the file's audio streams holds the voice, from 0). Problems raise :class:`ManifestError`
-    naming the row. ``previous_ids`` (id -> path, from :func:`emo_data.staging.staged_paths`)
+    naming the row. ``previous_ids`` (from :func:`emo_data.staging.staged_paths`)
     keeps the ids an earlier build into the same output gave.
     """
     import pandas as pd
@@ -196,9 +202,29 @@ class ManifestRow:
     identity: Optional[str] = None
     split: Optional[str] = None
     shard: Optional[str] = None
+    # the per-clip gate's scores, for kept clips and for the clips it rejected (docs/sync.md)
+    sync_backend: Optional[str] = None
+    sync_offset_frames: Optional[int] = None      # measured; > 0 = audio late
+    sync_confidence: Optional[float] = None
+    sync_min_distance: Optional[float] = None     # SyncNet's LSE-D
+    sync_decision: Optional[str] = None           # keep | correct | reject (what enforce mode does)
+    audio_shift_frames: Optional[int] = None      # applied to the stored wav / audio_emb
+    mouth_motion_p90: Optional[float] = None
+    face_quality: Optional[float] = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def gate_fields(record: Optional[dict[str, Any]], quality: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """ManifestRow's gate columns from a clip's ``sync`` record (``ClipCandidate.sync``)."""
+    record = record or {}
+    return dict(
+        sync_backend=record.get("backend"), sync_offset_frames=record.get("offset_frames"),
+        sync_confidence=record.get("confidence"), sync_min_distance=record.get("min_distance"),
+        sync_decision=record.get("decision"), audio_shift_frames=record.get("applied_offset_frames"),
+        mouth_motion_p90=record.get("mouth_motion_p90"), face_quality=(quality or {}).get("face_quality"),
+    )
 
 
 def write_manifest(rows: list[dict[str, Any]], path: str) -> None:

@@ -80,6 +80,11 @@ class SampleAssemblyStage(Stage[SampleInput, ClipSample]):
             "face_backend": item.face_backend,
             "speech_backend": item.speech_backend,
             "scores": clip.scores,
+            # the lip-sync / frozen-face gate: backend, measured offset (> 0 = audio late), confidence,
+            # the score curve over offsets, the decision and the shift applied to wav / audio_emb
+            "sync": clip.sync,
+            "quality": clip.quality or None,
+            "audio_source": clip.audio_source,   # what the gates and audio features heard: mix | vocals
             "emo_version": __version__,
             "config": cfg.to_dict(),
         }

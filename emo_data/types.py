@@ -98,6 +98,8 @@ class RejectedSpan:
     reason: str
     stage: str = "clip_selection"
     detail: str = ""
+    scores: dict[str, Any] = field(default_factory=dict)  # the scores behind a gate's rejection
+    key: Optional[str] = None      # the clip key a per-clip gate rejected (keys stay stable across gate settings)
 
 
 @dataclass
@@ -121,10 +123,36 @@ class ClipCandidate:
     scores: dict[str, float] = field(default_factory=dict)
     face_backend: str = ""         # which backend found the faces (recorded in the sample)
     landmark_format: str = ""      # e.g. ibug68: how head pose reads ``landmarks``
+    # The source's audio around the clip, for the lip-sync gate: frames [-audio_pad_frames,
+    # T + audio_pad_frames) of the mix (zeros past the track; ``audio_valid`` is the sample range
+    # that is real audio) and, when vocal separation ran, the same span of the separated voice.
+    audio_context: Optional[np.ndarray] = None
+    audio_pad_frames: int = 0
+    audio_valid: tuple[int, int] = (0, 0)
+    vocals_context: Optional[np.ndarray] = None
+    mouth_motion: Optional[np.ndarray] = None    # [T] mouth pixel change (grey levels), see emo_data.sync.signals
+    mouth_darkness: Optional[np.ndarray] = None  # [T] inner-mouth darkness, see emo_data.sync.signals
+    quality: dict[str, float] = field(default_factory=dict)  # face image-quality scores of the crop
+    sync: Optional[dict[str, Any]] = None        # the lip-sync gate's record, filled by the gate
+    audio_source: str = "mix"                    # what the gates and audio features heard: mix | vocals
 
     @property
     def key(self) -> str:
         return f"{self.source.source_id}_{self.clip_index:05d}"
+
+    def context_slice(self, context: np.ndarray, offset_frames: int = 0) -> np.ndarray:
+        """The clip's T frames of ``context`` (audio_context or vocals_context) starting
+        ``offset_frames`` after frame 0."""
+        per_frame = self.sample_rate / self.fps
+        lo = int(round((self.audio_pad_frames + offset_frames) * per_frame))
+        return context[lo:lo + int(round(self.num_frames * per_frame))]
+
+    @property
+    def voice(self) -> np.ndarray:
+        """The clip's audio as the speech models hear it: the separated voice when there is one."""
+        if self.vocals_context is not None:
+            return self.context_slice(self.vocals_context)
+        return self.audio
 
 
 @dataclass

@@ -30,10 +30,12 @@ class SourcePipeline:
         from emo_data.clips import VideoPassStage
         from emo_data.pose import HeadPoseStage
         from emo_data.samples import SampleAssemblyStage
+        from emo_data.sync.gate import SyncGateStage
 
         self.config = config
         self.analyse = SourceAnalysisStage(config)
         self.video = VideoPassStage(config, face_backend=face_backend)
+        self.gate = SyncGateStage.from_build_config(config) if config.sync.enabled else None
         self.pose = HeadPoseStage(config.speed)
         self.assemble = SampleAssemblyStage(config)
         self.features = None
@@ -43,7 +45,7 @@ class SourcePipeline:
             self.features = AudioFeatureStage(config.audio_features)
 
     def setup(self) -> None:
-        for stage in (self.analyse, self.video, self.pose, self.assemble, self.features):
+        for stage in (self.analyse, self.video, self.gate, self.pose, self.assemble, self.features):
             if stage is not None:
                 stage.ensure_setup()
 
@@ -52,8 +54,8 @@ class SourcePipeline:
         """Stage one source (sealed with ``fingerprint``, see emo_data.resume); returns its
         summary. Never raises for a bad source."""
         from emo_data.clip_work import (
-            ClipInFlight, add_audio_features, add_head_motion, assemble_sample, clip_row, failed_row, order_rows,
-            rejected_row,
+            ClipInFlight, add_audio_features, add_head_motion, apply_sync_gate, assemble_sample, clip_row, failed_row,
+            gate_rejected_row, order_rows, rejected_row, staged_totals,
         )
         from emo_data.analysis import SourceAnalysisError
         from emo_data.clips import VideoPassInput, VideoPassSummary
@@ -73,9 +75,18 @@ class SourcePipeline:
                 return summary
             summary["duration_s"] = analysed.probe.duration_s
             stage = "video_pass"
-            for item in self.video(VideoPassInput(source, analysed.probe, analysed.audio, analysed.speech)):
+            for item in self.video(VideoPassInput(source, analysed.probe, analysed.audio, analysed.speech,
+                                                  vocals=analysed.vocals)):
                 if isinstance(item, ClipCandidate):
                     work = ClipInFlight(item)
+                    if self.gate is not None:
+                        stage = "sync_gate"
+                        apply_sync_gate(work, self.gate)
+                        if work.rejected is not None:
+                            rows.append(gate_rejected_row(work))
+                            stage = "video_pass"
+                            continue
+                    item = work.clip     # the gate may have re-cut its audio (and trimmed it)
                     stage = "head_pose"
                     add_head_motion(work, self.pose, self.config.clip.crop_size)
                     if self.features is not None:
@@ -92,6 +103,7 @@ class SourcePipeline:
                     rows.append(rejected_row(source, item))
                 elif isinstance(item, VideoPassSummary):
                     summary.update(item.totals())
+            summary.update(staged_totals(rows))   # what was kept after the per-clip gates
             writer.seal(order_rows(rows), summary, "ok")
         except Exception as exc:  # noqa: BLE001 - a bad file or a bug on one source must not stop the corpus
             writer.abort()

@@ -81,6 +81,7 @@ _FORWARD_ENV = ("HF_HUB_OFFLINE", "HF_HOME", "TRANSFORMERS_OFFLINE", "TORCH_HOME
 _BLOCK_BYTES = 256 * 1024
 
 ANALYSED, CLIP, END, FAILED, WRITTEN = "analysed", "clip", "end", "failed", "written"
+GATED = "gated"   # a clip the per-clip gate (lip sync, frozen face, quality) rejected: its row
 
 
 def _rows(rows: list[tuple[str, str, Any]]) -> dict[str, list]:
@@ -165,7 +166,7 @@ class VideoPass:
         summary: dict[str, Any] = {"duration_s": analysed.probe.duration_s}
         failure = None
         try:
-            inp = VideoPassInput(source, analysed.probe, analysed.audio, analysed.speech)
+            inp = VideoPassInput(source, analysed.probe, analysed.audio, analysed.speech, vocals=analysed.vocals)
             for item in self.video(inp):
                 if isinstance(item, ClipCandidate):
                     keys.append(item.key)
@@ -229,6 +230,31 @@ def _per_clip(batch: dict[str, Any], stage_name: str, fn) -> dict[str, list]:
     return _rows(out)
 
 
+class SyncGate:
+    """Actor: the per-clip lip-sync / frozen-face / quality gate (SyncNet weights load once per
+    actor, on the GPU Ray assigned it, if any). A rejected clip leaves as a ``gated`` row."""
+
+    def __init__(self, config_dict: dict):
+        from emo_data.sync.gate import SyncGateStage
+
+        _worker_logging()
+        self.stage = SyncGateStage.from_build_config(BuildConfig.from_dict(config_dict))
+        if _assigned_gpu():
+            self.stage.to("cuda")
+        self.stage.ensure_setup()
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
+        from emo_data.clip_work import apply_sync_gate, gate_rejected_row
+
+        def gate(item):
+            apply_sync_gate(item, self.stage)
+            if item.rejected is not None:
+                return GATED, {"key": item.key, "row": gate_rejected_row(item)}
+            return CLIP, item
+
+        return _per_clip(batch, "sync_gate", gate)
+
+
 def head_pose(batch: dict[str, Any], config_dict: dict) -> dict[str, list]:
     """CPU task: head pose -> rotation speed -> speed buckets for each clip of the batch."""
     from emo_data.clip_work import add_head_motion
@@ -285,6 +311,7 @@ class _SourceState:
     end: Optional[dict[str, Any]] = None
     written: dict[str, dict] = field(default_factory=dict)   # key -> clip manifest row
     failures: dict[str, dict] = field(default_factory=dict)  # key -> failed row
+    gated: dict[str, dict] = field(default_factory=dict)     # key -> rejected row (per-clip gate)
 
 
 class _Ledger:
@@ -312,9 +339,11 @@ class _Ledger:
             st.written[item["key"]] = item["row"]
         elif kind == FAILED:
             st.failures[item["key"]] = item["row"]
-        if st.end is None or not set(st.end["keys"]) <= set(st.written) | set(st.failures):
+        elif kind == GATED:
+            st.gated[item["key"]] = item["row"]
+        if st.end is None or not set(st.end["keys"]) <= set(st.written) | set(st.failures) | set(st.gated):
             return None
-        from emo_data.clip_work import order_rows
+        from emo_data.clip_work import order_rows, staged_totals
 
         end = st.end
         failure = end["failure"] or next((st.failures[k] for k in end["keys"] if k in st.failures), None)
@@ -323,8 +352,9 @@ class _Ledger:
             seal_source(self.out_dir, source_id, [failure], summary, "failed", self.fingerprints.get(source_id))
             status = "failed"
         else:
-            rows = order_rows([st.written[k] for k in end["keys"]] + list(end["rows"]))
-            summary = end["summary"]
+            rows = order_rows([st.written[k] for k in end["keys"] if k in st.written]
+                              + [st.gated[k] for k in end["keys"] if k in st.gated] + list(end["rows"]))
+            summary = {**end["summary"], **staged_totals(rows)}   # what the per-clip gates kept
             seal_source(self.out_dir, source_id, rows, summary, "ok", self.fingerprints.get(source_id))
             status = "ok"
         self.sealed.append((source_id, status, summary))
@@ -489,6 +519,8 @@ class _Plan:
     task_concurrency: int
     feature_gpus: float
     analyse_gpus: float
+    gate_actors: int = 1
+    gate_gpus: float = 0.0
 
 
 def _plan(config: BuildConfig, executor: ExecutorConfig, sources: int, cpus: float, gpus: float) -> _Plan:
@@ -512,22 +544,28 @@ def _plan(config: BuildConfig, executor: ExecutorConfig, sources: int, cpus: flo
     analyse = min(executor.analyse.concurrency or (max(1, int(gpus // analyse_gpus)) if analyse_gpus else max(1, video // 4)), sources)
     if not config.audio_features.enabled:
         features = 0
+    # The per-clip gate: the weight-free scorer is light; SyncNet takes a GPU each when there are GPUs.
+    gate_gpus = gpus_for(executor.sync_gate, config.sync.backend_name == "syncnet") if config.sync.enabled else 0.0
+    gate = 0 if not config.sync.enabled else (
+        executor.sync_gate.concurrency or (max(1, int(gpus // gate_gpus)) if gate_gpus else max(1, video // 2)))
 
     def cpus_needed(v: int) -> float:
         return (v * executor.video.num_cpus + analyse * executor.analyse.num_cpus
-                + features * executor.audio_features.num_cpus)
+                + features * executor.audio_features.num_cpus + gate * executor.sync_gate.num_cpus)
 
     while video > 1 and cpus_needed(video) > cpus + 1e-6:
         video -= 1
-    gpus_needed = features * feature_gpus + analyse * analyse_gpus + video * (executor.video.num_gpus or 0.0)
+    gpus_needed = (features * feature_gpus + analyse * analyse_gpus + gate * gate_gpus
+                   + video * (executor.video.num_gpus or 0.0))
     if cpus_needed(video) > cpus + 1e-6 or gpus_needed > gpus + 1e-6:
         raise RuntimeError(
-            f"the stage resources do not fit the cluster: {video} video-pass, {analyse} analyse and "
+            f"the stage resources do not fit the cluster: {video} video-pass, {analyse} analyse, {gate} sync-gate and "
             f"{features} audio-feature actors need {cpus_needed(video):g} CPUs and {gpus_needed:g} GPUs, "
             f"the cluster has {cpus:g} CPUs and {gpus:g} GPUs; lower num_cpus / num_gpus / concurrency "
             "in --executor-config (see docs/ray.md)")
     return _Plan(video_actors=video, analyse_actors=analyse, feature_actors=max(features, 1),
-                 task_concurrency=max(1, video), feature_gpus=feature_gpus, analyse_gpus=analyse_gpus)
+                 task_concurrency=max(1, video), feature_gpus=feature_gpus, analyse_gpus=analyse_gpus,
+                 gate_actors=max(gate, 1), gate_gpus=gate_gpus)
 
 
 def _graph(sources: list[Source], config: BuildConfig, executor: ExecutorConfig, out_dir: str, plan: _Plan):
@@ -549,6 +587,12 @@ def _graph(sources: list[Source], config: BuildConfig, executor: ExecutorConfig,
         compute=ray.data.ActorPoolStrategy(size=plan.video_actors, max_tasks_in_flight_per_actor=1),
         num_cpus=executor.video.num_cpus, num_gpus=executor.video.num_gpus or 0.0, **actor_args,
     )
+    if config.sync.enabled:
+        ds = ds.map_batches(
+            SyncGate, fn_constructor_kwargs={"config_dict": config_dict}, batch_size=executor.sync_gate.batch_size,
+            compute=ray.data.ActorPoolStrategy(size=plan.gate_actors, max_tasks_in_flight_per_actor=1),
+            num_cpus=executor.sync_gate.num_cpus, num_gpus=plan.gate_gpus, **actor_args,
+        )
     ds = ds.map_batches(
         head_pose, fn_kwargs={"config_dict": config_dict}, batch_size=executor.head_pose.batch_size,
         num_cpus=executor.head_pose.num_cpus,

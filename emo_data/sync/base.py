@@ -32,6 +32,7 @@ class SyncInput:
     audio_pad_frames: int              # margin (in frames) of real source audio on each side, zeros past the track
     mp4: Optional[bytes] = None        # the cropped clip (H.264), for backends that need pixels
     mouth_motion: Optional[np.ndarray] = None  # [T] mean abs pixel change in the mouth region, from the video pass
+    mouth_darkness: Optional[np.ndarray] = None  # [T] how dark the inner mouth is (open mouth), from the video pass
 
     def clip_audio(self, offset_frames: int = 0) -> np.ndarray:
         """The T frames' worth of audio starting ``offset_frames`` after the clip start (within the margin)."""
