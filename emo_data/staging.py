@@ -179,19 +179,33 @@ def remove_parts(out_dir: str, source_ids: Iterable[str]) -> int:
     return freed
 
 
-def staged_paths(out_dir: str) -> dict[str, str]:
-    """source_id -> input path of every source sealed in ``out_dir`` (from the markers' fingerprints),
-    so a re-run keeps the ids it gave before (see :func:`emo_data.manifest.read_sources`)."""
-    out: dict[str, str] = {}
+def staged_paths(out_dir: str) -> dict[str, dict[str, Any]]:
+    """source_id -> {"path", "file"} (input path and size/mtime, from the markers' fingerprints) of
+    every source sealed in ``out_dir``, so a re-run keeps the ids it gave before, also when the
+    footage folder moved (see :func:`emo_data.manifest.read_sources`)."""
+    out: dict[str, dict[str, Any]] = {}
     for marker_path in glob.glob(os.path.join(glob.escape(staging_dir(out_dir)), "*.done")):
         try:
             with open(marker_path) as fh:
-                path = (json.load(fh).get("fingerprint") or {}).get("path")
+                fingerprint = json.load(fh).get("fingerprint") or {}
         except (OSError, ValueError):
             continue
-        if path:
-            out[os.path.basename(marker_path)[: -len(".done")]] = path
+        if fingerprint.get("path"):
+            out[os.path.basename(marker_path)[: -len(".done")]] = {"path": fingerprint["path"], "file": fingerprint.get("file")}
     return out
+
+
+def same_input(staged: Any, path: str) -> bool:
+    """Is ``path`` the input a staged source was made from: the same path, or a file with the
+    same size and mtime (the footage folder was moved or copied with its times)?"""
+    if isinstance(staged, str):
+        return staged == path
+    if not isinstance(staged, dict):
+        return False
+    if staged.get("path") == path:
+        return True
+    before = staged.get("file") or {}
+    return bool(before) and "missing" not in before and file_fingerprint(path) == before
 
 
 # ----------------------------------------------------------------------------- fingerprints
