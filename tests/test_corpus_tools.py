@@ -92,35 +92,35 @@ def test_clustering_and_split_are_deterministic():
 
 
 def test_shards_grouped_by_kind_and_language(featureless_corpus, tmp_path):
-    """Re-finalising the same staged sources with --shard-by gives per-kind/language shards."""
+    """Re-finalising a copy of a corpus with --shard-by and a manifest that now says one source is
+    singing in Chinese: per-kind/language shards, without restaging (the samples are read back
+    from the final shards: staging keeps no parts after a finalisation)."""
     import shutil
 
     from emo_data.config import BuildConfig
     from emo_data.finalize import finalize_corpus
+    from emo_data.types import Source
 
     out = tmp_path / "grouped"
-    shutil.copytree(featureless_corpus / "staging", out / "staging")
-    # make one source a different kind and language, as a manifest would say
-    from emo_data.schema import rewrite_shard
-
-    def relabel(raw):
-        meta = json.loads(raw["json"])
-        meta["kind"], meta["language"] = "singing", "zh"
-        raw["json"] = json.dumps(meta).encode()
-        return raw
-
-    parts = sorted((out / "staging" / "v-express__RD_Radio10_0_clip_0").glob("*.tar"))
-    assert parts  # one staged part per clip
-    for part in parts:
-        rewrite_shard(str(part), relabel)
+    shutil.copytree(featureless_corpus, out)
+    assert not list((out / "staging").rglob("*.tar"))
+    m = pd.read_parquet(out / "manifest.parquet").drop_duplicates("source_id")
+    sources = [Source(path=r.path, source_id=r.source_id, kind="singing" if r.source_id.startswith("v-express") else "talk",
+                      language="zh" if r.source_id.startswith("v-express") else "en") for r in m.itertuples()]
     config = BuildConfig()
+    config.audio_features.enabled = False
     config.identity.test_fraction = 0.0
     config.shards.group_by = ["kind", "language"]
-    ids = [p.name[: -len(".rows.json")] for p in (out / "staging").glob("*.rows.json")]
-    summary = finalize_corpus(str(out), ids, config)
+    summary = finalize_corpus(str(out), sources, config)
     assert summary.shards == ["train-singing-zh-000000.tar", "train-talk-en-000000.tar"]
     for name in summary.shards:
         assert validate_shard(str(out / name))[1] == []
+        for raw in iter_raw_samples(str(out / name)):
+            meta = json.loads(raw["json"])
+            assert (meta["kind"], meta["language"]) == tuple(name.split("-")[1:3])
+    assert not list(out.glob("train-000000.*"))  # the ungrouped shard was replaced, not left beside them
+    regrouped = pd.read_parquet(out / "manifest.parquet")
+    assert set(regrouped[regrouped.source_id.str.startswith("v-express")].kind) == {"singing"}
     with pytest.raises(ValueError):
         config.shards.group_by = ["licence"]
-        finalize_corpus(str(out), ids, config)
+        finalize_corpus(str(out), sources, config)
