@@ -320,7 +320,7 @@ class VideoPassStage(Stage[VideoPassInput, Iterator[VideoPassItem]]):
             identity = np.mean(embeddings, axis=0).astype(np.float32)
 
         fmt = self.backend.landmark_format
-        motion = mouth_motion(frames, crop_landmarks, fmt)
+        motion = mouth_motion(frames, crop_landmarks, fmt, boxes=crop_boxes)
         darkness = mouth_darkness(frames, crop_landmarks, fmt)
         mp4 = encode_mp4(frames, fps, crf=cfg.clip.mp4_crf, preset=cfg.clip.mp4_preset)
         del frames

@@ -74,32 +74,44 @@ def _patch(gray: np.ndarray, box: tuple[int, int, int, int], side: int) -> np.nd
     return cv2.resize(gray[y0:y1, x0:x1], (side, side), interpolation=cv2.INTER_AREA).astype(np.float32)
 
 
-def mouth_motion(frames: Sequence[np.ndarray], landmarks: np.ndarray, landmark_format: str = "ibug68",
-                 side: int = 32) -> Optional[np.ndarray]:
-    """[T] mean |change| (grey levels, 0-255) of the mouth patch between frame t-1 and t, minus
-    that of a nose-bridge patch of the same frames; frame 0 copies frame 1. None when the
-    landmark format has no known mouth points.
+def _regions(pts: Optional[np.ndarray], box: Optional[np.ndarray], landmark_format: str, size: tuple[int, int]):
+    """(mouth box, nose box) in pixels: from ibug-68 landmarks, else from the face box (the mouth
+    sits in the lower middle of any detector's box; close enough for a motion measure)."""
+    spec = _LIPS.get(landmark_format)
+    if spec is not None and pts is not None:
+        return _region_box(pts[spec["mouth"]], 1.3, size), _region_box(pts[spec["nose"]], 1.0, size)
+    x0, y0, x1, y1 = [float(v) for v in box]
+    w, h = x1 - x0, y1 - y0
+    mouth = np.array([[x0 + 0.3 * w, y0 + 0.68 * h], [x0 + 0.7 * w, y0 + 0.92 * h]])
+    nose = np.array([[x0 + 0.42 * w, y0 + 0.35 * h], [x0 + 0.58 * w, y0 + 0.55 * h]])
+    return _region_box(mouth, 1.0, size), _region_box(nose, 1.0, size)
 
-    Patches follow each frame's landmarks (resized to ``side`` x ``side``), so a face that pans
-    or zooms across the frame is compared with itself; the nose reference cancels what is
-    left of global motion, blur and compression flicker.
+
+def mouth_motion(frames: Sequence[np.ndarray], landmarks: np.ndarray, landmark_format: str = "ibug68",
+                 side: int = 32, boxes: Optional[np.ndarray] = None) -> Optional[np.ndarray]:
+    """[T] mean |change| (grey levels, 0-255) of the mouth patch between frame t-1 and t, minus
+    that of a nose-bridge patch of the same frames; frame 0 copies frame 1. The regions come from
+    ibug-68 landmarks, else from ``boxes`` (face boxes); None when neither is available.
+
+    Regions follow each frame's landmarks and both frames are cut with the same region, so
+    landmark jitter does not count as motion; the nose reference cancels global motion (a pan
+    or zoom over a still photo), blur and compression flicker.
     """
     import cv2
 
-    spec = _LIPS.get(landmark_format)
-    if spec is None or len(frames) == 0:
+    if len(frames) == 0 or (landmark_format not in _LIPS and boxes is None):
         return None
-    lm = np.asarray(landmarks, np.float64)
+    lm = np.asarray(landmarks, np.float64) if landmarks is not None else None
     out = np.zeros(len(frames), np.float32)
     prev_gray = None
-    for i, (frame, pts) in enumerate(zip(frames, lm)):
+    for i, frame in enumerate(frames):
         gray = cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY) if frame.ndim == 3 else frame
         if prev_gray is not None:
             # Both frames are cut with this frame's boxes: landmark jitter moves the box, not the
             # pixels under it, so a frozen picture scores ~0 however much the landmarks wobble.
             size = (gray.shape[1], gray.shape[0])
-            mouth_box = _region_box(pts[spec["mouth"]], 1.3, size)
-            nose_box = _region_box(pts[spec["nose"]], 1.0, size)
+            mouth_box, nose_box = _regions(None if lm is None else lm[i], None if boxes is None else boxes[i],
+                                           landmark_format, size)
             mouth = float(np.abs(_patch(gray, mouth_box, side) - _patch(prev_gray, mouth_box, side)).mean())
             nose = float(np.abs(_patch(gray, nose_box, side) - _patch(prev_gray, nose_box, side)).mean())
             out[i] = max(mouth - nose, 0.0)
