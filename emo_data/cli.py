@@ -41,6 +41,18 @@ def _load_config(args) -> BuildConfig:
         config.identity.test_fraction = args.test_fraction
     if getattr(args, "seed", None) is not None:
         config.identity.seed = args.seed
+    sync_changes = {}
+    if getattr(args, "no_sync_gate", False):
+        sync_changes["enabled"] = False
+    for flag, key in (("gate_mode", "mode"), ("sync_backend", "backend"), ("syncnet_weights", "syncnet_weights"),
+                      ("sync_min_confidence", "min_confidence"), ("sync_correct_min_confidence", "correct_min_confidence"),
+                      ("min_face_quality", "min_face_quality")):
+        if getattr(args, flag, None) is not None:
+            sync_changes[key] = getattr(args, flag)
+    if sync_changes:
+        import dataclasses
+
+        config.sync = dataclasses.replace(config.sync, **sync_changes)   # re-validated
     if getattr(args, "shard_by", None):
         config.shards.group_by = [v.strip() for v in args.shard_by.split(",") if v.strip()]
         from .finalize import shard_prefix
@@ -60,6 +72,19 @@ def _add_build_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--face-model-root", help="folder holding insightface / face-alignment weights")
     p.add_argument("--speech-backend", choices=["silero", "pyannote", "none"], help="default silero (offline)")
     p.add_argument("--pyannote-pipeline", help="local dir or hub id of a pyannote diarization pipeline")
+    gate = p.add_argument_group("lip-sync / frozen-face gate (docs/sync.md)")
+    gate.add_argument("--no-sync-gate", action="store_true",
+                      help="no lip-sync, offset or frozen-face scoring (footage already curated, synthetic motion)")
+    gate.add_argument("--gate-mode", choices=["enforce", "score"],
+                      help="enforce (default): reject / correct clips; score: store every score, keep every clip")
+    gate.add_argument("--sync-backend", choices=["auto", "envelope", "syncnet"],
+                      help="auto (default): syncnet when --syncnet-weights is given, else the weight-free envelope scorer")
+    gate.add_argument("--syncnet-weights", help="local syncnet_v2.model (or .safetensors) for the SyncNet backend")
+    gate.add_argument("--sync-min-confidence", type=float,
+                      help="reject clips whose sync confidence is below (default: syncnet 3.0, envelope never)")
+    gate.add_argument("--sync-correct-min-confidence", type=float,
+                      help="re-cut the audio of clips whose offset is at least this confident (default: syncnet 3.0, envelope 4.0)")
+    gate.add_argument("--min-face-quality", type=float, help="reject clips whose face quality score is below (default: score only)")
     p.add_argument("--min-seconds", type=float, help="shortest clip kept (default 2)")
     p.add_argument("--max-seconds", type=float, help="longest clip (default 10)")
     p.add_argument("--test-fraction", type=float, help="share of footage in the identity-disjoint test split (default 0.1)")
@@ -92,7 +117,11 @@ def cmd_build(args) -> int:
 
     from .config import ExecutorConfig
 
-    config = _load_config(args)
+    try:
+        config = _load_config(args)
+    except (ValueError, OSError) as exc:
+        print(f"emo-data build: error: {exc}", file=sys.stderr)
+        return 2
     executor = ExecutorConfig()
     if args.executor_config:
         with open(args.executor_config) as fh:

@@ -136,6 +136,10 @@ def prepare_sources(sources: Iterable[Source] | str, out_dir: str, config: Build
         from emo_data.audio_features import check_audio_encoder
 
         check_audio_encoder(config.audio_features)  # fail before any work, with a how-to
+    if plan.todo and config.sync.enabled:
+        from emo_data.sync.gate import check_sync_backend
+
+        check_sync_backend(config.sync)               # SyncNet weights that load, or a how-to
     return sources, plan
 
 

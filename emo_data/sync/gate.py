@@ -143,6 +143,22 @@ def shift_clip_audio(clip: ClipCandidate, shift: int, min_frames: int, crf: int 
     return out
 
 
+def check_sync_backend(config: SyncConfig) -> None:
+    """Load the configured backend once before a build touches any footage: a missing or broken
+    SyncNet weights file stops the build at once with what to do, not per clip."""
+    from .envelope import make_sync_backend
+
+    if config.backend_name != "syncnet":
+        return
+    try:
+        make_sync_backend(config.backend, config.syncnet_weights, config.max_offset, "cpu").setup()
+    except Exception as exc:  # noqa: BLE001 - re-raised with the how-to
+        raise RuntimeError(
+            f"cannot load SyncNet weights from {config.syncnet_weights!r}: {exc}. Download syncnet_v2.model "
+            "(see docs/sync.md) and pass --syncnet-weights PATH, or use the weight-free scorer "
+            "(--sync-backend envelope) or --no-sync-gate") from exc
+
+
 @dataclass
 class GateOutcome:
     clip: Optional[ClipCandidate]          # None when rejected
