@@ -99,6 +99,7 @@ def cmd_stats(args) -> int:
     stats = st.collect(urls, read_frames=args.frames)
     if args.manifest:
         stats.rejections = st.load_rejections(args.manifest)
+        stats.gate_rows = st.load_gate_rows(args.manifest)
     elapsed = time.perf_counter() - t0
     n = len(stats.records)
     if args.plot:
@@ -211,8 +212,8 @@ def cmd_show(args) -> int:
 def cmd_render(args) -> int:
     from .inspect import render
 
-    if not args.out and not args.video:
-        print("render: give --out sheet.png and/or --video clip.mp4", file=sys.stderr)
+    if not args.out and not args.video and not args.sync:
+        print("render: give --out sheet.png, --video clip.mp4 and/or --sync sync.png", file=sys.stderr)
         return 2
     url, entry, raw = _load_one(args)
     d = render.decode_for_render(raw)
@@ -222,6 +223,11 @@ def cmd_render(args) -> int:
     if args.video:
         render.overlay_video(d, args.video)
         print(f"video: {args.video}")
+    if args.sync:
+        from .inspect.sync_plot import sync_sheet
+
+        sync_sheet(d, args.sync, dpi=args.dpi)
+        print(f"sync plot: {args.sync}")
     if d.get("audio_emb") is None:
         print("note: no audio features in this sample")
     return 0
@@ -332,6 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             p.add_argument("--out", help="contact sheet PNG")
             p.add_argument("--video", help="MP4 of the clip with overlays and its audio (H.264 + AAC)")
+            p.add_argument("--sync", help="PNG of the lip-sync gate's score over audio offsets and the mouth against the voice")
             p.add_argument("--frames", type=int, default=8, help="frames in the strip (default 8)")
             p.add_argument("--dpi", type=int, default=80, help="contact sheet resolution (default 80: 1280 px wide)")
             p.set_defaults(func=cmd_render)

@@ -31,6 +31,7 @@ class SampleRecord:
     speed_mean: Optional[float] = None    # the clip's mean head speed (deg/frame), meta
     speeds: Optional[np.ndarray] = None   # per-frame head speed (deg/frame), from head_speed.npy
     centers: Optional[list[float]] = None
+    gate: Optional[dict[str, Any]] = None  # the lip-sync / frozen-face gate's scores (meta["sync"])
 
 
 @dataclass
@@ -40,6 +41,7 @@ class CorpusStats:
     shards_without_index: int = 0
     member_reads: int = 0           # samples whose face boxes / speeds were read from the tar
     rejections: Optional[dict[str, Any]] = None
+    gate_rows: Optional[list[dict[str, Any]]] = None  # gate scores of every scored clip, kept or not (manifest)
 
     # ------------------------------------------------------------------ summaries
     @property
@@ -89,6 +91,22 @@ class CorpusStats:
         nearest = np.abs(speeds[:, None] - c[None, :]).argmin(1)
         return list(centers), np.bincount(nearest, minlength=len(c))
 
+    def gate_scores(self) -> list[dict[str, Any]]:
+        """One dict per scored clip (backend, offset, confidence, decision, reason, shift, motion):
+        from the build manifest when given (it also holds the clips the gate rejected), else from
+        the kept samples' metadata."""
+        if self.gate_rows is not None:
+            return self.gate_rows
+        out = []
+        for r in self.records:
+            g = r.gate or {}
+            if g.get("backend"):
+                out.append({"backend": g.get("backend"), "offset_frames": g.get("offset_frames"),
+                            "confidence": g.get("confidence"), "decision": g.get("decision"), "reason": g.get("reason"),
+                            "applied_offset_frames": g.get("applied_offset_frames"),
+                            "mouth_motion_p90": g.get("mouth_motion_p90"), "kept": True})
+        return out
+
     def to_dict(self) -> dict[str, Any]:
         def dist(a: np.ndarray) -> Optional[dict[str, float]]:
             if not a.size:
@@ -119,7 +137,31 @@ class CorpusStats:
             "speed_buckets": None if buckets is None else
             [{"center": c, "frames": int(n)} for c, n in zip(buckets[0], buckets[1])],
             "rejections": self.rejections,
+            "sync_gate": gate_summary(self.gate_scores(), dist),
         }
+
+
+def _values(rows: list[dict[str, Any]], key: str) -> np.ndarray:
+    vals = [r.get(key) for r in rows]
+    return np.array([float(v) for v in vals if v is not None and np.isfinite(float(v))], np.float64)
+
+
+def gate_summary(rows: list[dict[str, Any]], dist) -> Optional[dict[str, Any]]:
+    if not rows:
+        return None
+    decisions = Counter(str(r.get("decision")) for r in rows)
+    reasons = Counter(str(r.get("reason")) for r in rows if r.get("decision") == "reject")
+    return {
+        "clips_scored": len(rows),
+        "backends": dict(Counter(str(r.get("backend")) for r in rows)),
+        "offset_frames": dist(_values(rows, "offset_frames")),
+        "offset_histogram": {int(k): int(v) for k, v in sorted(Counter(int(x) for x in _values(rows, "offset_frames")).items())},
+        "confidence": dist(_values(rows, "confidence")),
+        "mouth_motion_p90": dist(_values(rows, "mouth_motion_p90")),
+        "decisions": dict(decisions),
+        "reject_reasons": dict(reasons),
+        "corrected": int(sum(1 for r in rows if (r.get("applied_offset_frames") or 0) != 0)),
+    }
 
 
 # ---------------------------------------------------------------------------- collection
@@ -197,6 +239,7 @@ def collect(urls: list[str], read_frames: bool = False, threads: int = 8) -> Cor
                 face_src_px=_meta_face_src(meta),
                 speed_mean=_meta_speed_mean(meta),
                 centers=list(sb.get("centers") or []) or None,
+                gate=meta.get("sync") if isinstance(meta.get("sync"), dict) else None,
             )
             stats.records.append(rec)
             if read_frames:
@@ -236,6 +279,25 @@ def load_rejections(path: str) -> dict[str, Any]:
         if {"start_s", "end_s"} <= set(bad.columns):
             secs = (pd.to_numeric(bad["end_s"], errors="coerce") - pd.to_numeric(bad["start_s"], errors="coerce")).clip(lower=0)
             out["seconds_by_reason"] = {str(k): float(v) for k, v in secs.groupby(reasons).sum().items()}
+    return out
+
+
+def load_gate_rows(path: str) -> Optional[list[dict[str, Any]]]:
+    """The gate's scores of every clip a build scored, kept or rejected (manifest ``sync_*``
+    columns); None for a manifest without them (built before the gate or with --no-sync-gate)."""
+    import pandas as pd
+
+    df = pd.read_parquet(path) if path.endswith(".parquet") else pd.read_csv(path)
+    if "sync_backend" not in df.columns:
+        return None
+    df = df[df["sync_backend"].notna()]
+    out = []
+    for r in df.to_dict("records"):
+        out.append({"backend": r.get("sync_backend"), "offset_frames": r.get("sync_offset_frames"),
+                    "confidence": r.get("sync_confidence"), "decision": r.get("sync_decision"),
+                    "reason": r.get("reason") if r.get("status") == "rejected" else None,
+                    "applied_offset_frames": r.get("audio_shift_frames"), "mouth_motion_p90": r.get("mouth_motion_p90"),
+                    "kept": r.get("status") == "clip"})
     return out
 
 
@@ -295,6 +357,20 @@ def format_text(stats: CorpusStats, top_identities: int = 10) -> str:
         for c, k in zip(centers, counts):
             bar = "#" * int(round(40 * k / total))
             lines.append(f"  c={c:<5.2f} {int(k):>9,}  {100 * k / total:5.1f}%  {bar}")
+    gate = stats.gate_scores()
+    if gate:
+        backends = ", ".join(f"{k} {v}" for k, v in Counter(str(r.get("backend")) for r in gate).items())
+        source = "kept and rejected clips, from the manifest" if stats.gate_rows is not None else "kept clips"
+        lines.append(f"lip-sync gate ({len(gate):,} clips scored: {backends}; {source}):")
+        lines.append("  offset:       " + _fmt_dist(_values(gate, "offset_frames"), "frames (> 0: audio late)", 1))
+        lines.append("  confidence:   " + _fmt_dist(_values(gate, "confidence"), "", 2))
+        lines.append("  mouth motion: " + _fmt_dist(_values(gate, "mouth_motion_p90"), "grey levels (p90 per clip)", 2))
+        decisions = Counter(str(r.get("decision")) for r in gate)
+        reasons = Counter(str(r.get("reason")) for r in gate if r.get("decision") == "reject" and r.get("reason"))
+        corrected = sum(1 for r in gate if (r.get("applied_offset_frames") or 0) != 0)
+        lines.append("  decisions:    " + ", ".join(f"{k} {v:,}" for k, v in decisions.most_common())
+                     + (f" (rejected for: {', '.join(f'{k} {v}' for k, v in reasons.most_common())})" if reasons else "")
+                     + f"; audio re-cut in {corrected:,}")
     rej = stats.rejections
     if rej:
         lines.append(f"build manifest {rej['path']}: {rej['rows']:,} rows")
@@ -316,7 +392,7 @@ def plot_report(stats: CorpusStats, out_png: str, title: Optional[str] = None, d
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 3, figsize=(16, 9), dpi=dpi)
+    fig, axes = plt.subplots(3, 3, figsize=(16, 13), dpi=dpi)
     n = len(stats.records)
     fig.suptitle(title or f"EMO corpus: {stats.shards} shards, {n:,} clips, {fmt_duration(stats.seconds)}",
                  fontsize=15, fontweight="bold")
@@ -399,9 +475,31 @@ def plot_report(stats: CorpusStats, out_png: str, title: Optional[str] = None, d
         ax.invert_yaxis()
         ax.set_title(f"Clips per identity (top {len(ids)} of {len(stats.by('identity'))})")
         ax.set_xlabel("clips")
+    _plot_gate(axes[2], stats.gate_scores())
     for a in axes.ravel():
         a.grid(alpha=0.25)
-    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    fig.tight_layout(rect=(0, 0, 1, 0.96))
     fig.savefig(out_png, dpi=dpi)
     plt.close(fig)
     return out_png
+
+
+def _plot_gate(axes, rows: list[dict[str, Any]]) -> None:
+    """Third row of the report: the gate's offsets, confidences and mouth motion, kept vs rejected."""
+    kept = [r for r in rows if r.get("kept", True) and r.get("decision") != "reject"]
+    dropped = [r for r in rows if r not in kept]
+    panels = (("offset_frames", "measured A/V offset (frames, > 0: audio late)", np.arange(-15.5, 16.5, 1.0)),
+              ("confidence", "sync confidence", 20), ("mouth_motion_p90", "mouth motion p90 (grey levels)", 20))
+    for ax, (key, label, bins) in zip(axes, panels):
+        a, b = _values(kept, key), _values(dropped, key)
+        if a.size or b.size:
+            both = np.concatenate([a, b])
+            edges = bins if not isinstance(bins, int) else np.linspace(both.min(), both.max() + 1e-9, bins + 1)
+            ax.hist([a, b], bins=edges, stacked=True, color=["#4c72b0", "#c44e52"],
+                    label=[f"kept / would keep ({a.size})", f"rejected / would reject ({b.size})"])
+            ax.legend(loc="upper right", fontsize=8)
+        else:
+            ax.text(0.5, 0.5, "no gate scores (built with --no-sync-gate?)", ha="center", va="center", transform=ax.transAxes)
+        ax.set_xlabel(label)
+        ax.set_ylabel("clips")
+        ax.set_title(f"Lip-sync gate: {label.split(' (')[0]}")
