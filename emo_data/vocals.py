@@ -40,6 +40,7 @@ from typing import Any, Optional
 import numpy as np
 
 from .config import ConfigBase
+from .stage import StageError
 
 VOCALS_MODES = ("auto", "always", "never")
 VOCALS_BACKENDS = ("auto", "htdemucs", "mdx_onnx")
@@ -230,9 +231,14 @@ class VocalSeparator:
         n = len(x)
         if n == 0:
             return np.zeros(0, np.float32)
-        x, restore = self._normalise(x)
-        if restore is None:          # digital silence: nothing to separate
+        if int(sample_rate) != sample_rate or sample_rate <= 0:
+            raise ValueError(f"sample_rate must be a positive integer, not {sample_rate!r}")
+        peak, mean, std = _track_stats(x)
+        if not np.isfinite(peak):
+            raise StageError("corrupt_audio", "vocal separation: the audio holds NaN or infinite samples")
+        if peak == 0.0:              # digital silence: nothing to separate
             return np.zeros(n, np.float32)
+        offset, scale = self._normalisation(peak, mean, std)
         grid = SegmentGrid.plan(n, sample_rate, self.model_sample_rate, self.segment_samples,
                                 self.edge_samples, self.overlap, self.align_samples)
         out = np.zeros(n, np.float32)
@@ -240,12 +246,17 @@ class VocalSeparator:
         for k in range(grid.count):
             batch.append(k)
             if len(batch) == self.batch_segments or k == grid.count - 1:
-                self._run_batch(x, sample_rate, grid, batch, out)
+                self._run_batch(x, int(sample_rate), grid, batch, out, (offset, scale))
                 batch = []
-        return restore(out)
+        # Back to the input's level, in place: the track and the output are the only arrays as
+        # long as the input (a 1-hour track at 16 kHz: 230 MB each).
+        out /= scale
+        out += offset
+        return out
 
-    def _run_batch(self, x: np.ndarray, rate: int, grid: "SegmentGrid", ks: list[int], out: np.ndarray) -> None:
-        segments = np.stack([_resample(grid.slice(x, k), rate, self.model_sample_rate, self.segment_samples)
+    def _run_batch(self, x: np.ndarray, rate: int, grid: "SegmentGrid", ks: list[int], out: np.ndarray,
+                   level: tuple[float, float]) -> None:
+        segments = np.stack([_resample(grid.slice(x, k, level), rate, self.model_sample_rate, self.segment_samples)
                              for k in ks])                                   # [B, S_model]
         stereo = np.repeat(segments[:, None, :], self.model_channels, axis=1)  # [B, C, S_model]
         vocals = self._separate_segments(np.ascontiguousarray(stereo, dtype=np.float32))  # [B, C, S_model]
@@ -261,13 +272,10 @@ class VocalSeparator:
     def _separate_segments(self, stereo: np.ndarray) -> np.ndarray:  # pragma: no cover - interface
         raise NotImplementedError
 
-    def _normalise(self, x: np.ndarray):
-        """Scale the whole track as the model expects; returns (scaled, undo) or (x, None) for silence.
-        Computed over the whole track, so the result does not depend on the segment grid."""
-        peak = float(np.max(np.abs(x)))
-        if peak == 0.0:
-            return x, None
-        return x, (lambda y: y)
+    def _normalisation(self, peak: float, mean: float, std: float) -> tuple[float, float]:
+        """``(offset, scale)``: the model sees ``(x - offset) * scale``. From the whole track's
+        statistics (never zero peak), so the result does not depend on the segment grid."""
+        return 0.0, 1.0
 
 
 @dataclass(frozen=True)
@@ -315,15 +323,14 @@ class SegmentGrid:
     def start(self, k: int) -> int:
         return k * self.hop - self.edge
 
-    def slice(self, x: np.ndarray, k: int) -> np.ndarray:
+    def slice(self, x: np.ndarray, k: int, level: tuple[float, float] = (0.0, 1.0)) -> np.ndarray:
+        """Segment ``k`` of ``x`` as ``(x - offset) * scale``, zeros outside the track."""
+        offset, scale = level
         lo = self.start(k)
-        hi = lo + self.segment
-        if lo >= 0 and hi <= len(x):
-            return x[lo:hi]
         piece = np.zeros(self.segment, np.float32)
-        a, b = max(lo, 0), min(hi, len(x))
+        a, b = max(lo, 0), min(lo + self.segment, len(x))
         if b > a:
-            piece[a - lo:b - lo] = x[a:b]
+            piece[a - lo:b - lo] = (x[a:b] - np.float32(offset)) * np.float32(scale)
         return piece
 
     def weights(self, k: int) -> np.ndarray:
@@ -352,6 +359,22 @@ def _resample(x: np.ndarray, rate_in: int, rate_out: int, length: int) -> np.nda
     if len(x) >= length:
         return x[:length]
     return np.pad(x, (0, length - len(x)))
+
+
+def _track_stats(x: np.ndarray, block: int = 1 << 20) -> tuple[float, float, float]:
+    """Peak, mean and standard deviation of a track, a block at a time (no track-sized temporaries)."""
+    peak, total, total_sq = 0.0, 0.0, 0.0
+    for i in range(0, len(x), block):
+        part = x[i:i + block].astype(np.float64)
+        part_peak = float(np.abs(part).max())
+        if not np.isfinite(part_peak):
+            return float("nan"), float("nan"), float("nan")
+        peak = max(peak, part_peak)
+        total += float(part.sum())
+        total_sq += float(np.dot(part, part))
+    n = max(len(x), 1)
+    mean = total / n
+    return peak, mean, float(np.sqrt(max(total_sq / n - mean * mean, 0.0)))
 
 
 def _sha256(path: str) -> str:
@@ -395,15 +418,10 @@ class HTDemucsSeparator(VocalSeparator):
         self._device = torch.device(self.device)
         self._model = model.to(self._device).eval()
 
-    def _normalise(self, x: np.ndarray):
+    def _normalisation(self, peak: float, mean: float, std: float) -> tuple[float, float]:
         # As demucs' own separate/api: the mix is standardised by its mean and std over the
-        # whole track; the model is trained on such input.
-        mean = float(x.mean(dtype=np.float64))
-        std = float(x.std(dtype=np.float64))
-        if std == 0.0:
-            return x, None
-        scaled = ((x - mean) / std).astype(np.float32)
-        return scaled, (lambda y: (y * std + mean).astype(np.float32))
+        # whole track; the model is trained on such input. (A constant non-zero track: offset only.)
+        return mean, (1.0 / std if std > 0.0 else 1.0)
 
     def _separate_segments(self, stereo: np.ndarray) -> np.ndarray:
         import torch
@@ -626,15 +644,9 @@ class MdxOnnxSeparator(VocalSeparator):
                      "dim_t": getattr(self, "dim_t", None)})
         return info
 
-    def _normalise(self, x: np.ndarray):
+    def _normalisation(self, peak: float, mean: float, std: float) -> tuple[float, float]:
         # UVR lowers the mix to a 0.9 peak before these models (never raises it).
-        peak = float(np.max(np.abs(x)))
-        if peak == 0.0:
-            return x, None
-        if peak <= 0.9:
-            return x, (lambda y: y)
-        scale = 0.9 / peak
-        return (x * scale).astype(np.float32), (lambda y: (y / scale).astype(np.float32))
+        return 0.0, min(1.0, 0.9 / peak)
 
     def _separate_segments(self, stereo: np.ndarray) -> np.ndarray:
         import torch

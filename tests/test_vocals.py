@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from conftest import sample
+from emo_data.stage import StageError
 from emo_data.vocals import (
     HTDemucsSeparator,
     MdxOnnxSeparator,
@@ -276,6 +277,11 @@ def test_silence_and_empty_input(weights):
     assert separator.separate(np.zeros(0, np.float32), 16000).shape == (0,)
     with pytest.raises(ValueError, match="mono"):
         separator.separate(np.zeros((2, 100), np.float32), 16000)
+    broken = np.ones(16000, np.float32)
+    broken[100] = np.nan
+    with pytest.raises(StageError) as error:       # a bad track is a per-source error, not a crash
+        separator.separate(broken, 16000)
+    assert error.value.reason == "corrupt_audio"
 
 
 def test_not_an_onnx_model_is_a_weights_error(tmp_path):
