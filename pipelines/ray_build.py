@@ -457,11 +457,56 @@ def _start_ray(address: Optional[str], workers: Optional[int], executor: Executo
 _RAY_NATIVE_LOG = re.compile(rb"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [DIWEF] \d+ \d+\] \S+\.(?:cc|h):\d+:")
 
 
+# Notices Ray's Python side prints to the driver's stderr: a worker's death seen by the raylet
+# (handled: the source is retried or becomes a row), worker output lines.
+_RAY_PY_NOTICE = re.compile(r"^(?:\x1b\[[\d;]*m)?\((?:raylet[^)\n]*\)|[^\n]*?pid=\d+[^\n]*?\))")
+
+
+class _NoticeFilter:
+    """A text stream for ``sys.stderr`` that drops whole lines of Ray's internal notices and
+    passes everything else (progress bars redraw with ``\r`` and pass at once)."""
+
+    def __init__(self, stream):
+        self._stream, self._pending = stream, ""
+
+    def write(self, text: str) -> int:
+        self._pending += text
+        while "\n" in self._pending:
+            line, self._pending = self._pending.split("\n", 1)
+            if not (_RAY_PY_NOTICE.match(line) or _RAY_NATIVE_LOG.match(line.encode("utf-8", "replace"))):
+                self._stream.write(line + "\n")
+        if "\r" in self._pending and not self._pending.lstrip("\r").startswith(("(", "\x1b[33m(", "\x1b[36m(")):
+            self._stream.write(self._pending)
+            self._pending = ""
+        return len(text)
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+    def drain(self) -> None:
+        """Pass on a last line without its newline (the stream stays open)."""
+        if self._pending:
+            self._stream.write(self._pending)
+            self._pending = ""
+        self._stream.flush()
+
+    def close(self) -> None:
+        self.drain()
+        self._stream.close()
+
+    def __getattr__(self, name):  # isatty, fileno, encoding, ...
+        return getattr(self._stream, name)
+
+
 @contextlib.contextmanager
 def _native_logs_hidden(active: bool):
-    """While active, file descriptor 2 goes to a temporary file (where Ray's C++ code writes) and
-    Python's ``sys.stderr`` to the real terminal; afterwards the captured lines are replayed to the
-    terminal except Ray's internal C++ log lines. ``emo-data -v`` leaves stderr alone."""
+    """While active, file descriptor 2 goes to a temporary file (where Ray's C++ code and the log
+    handlers Ray set up at import write) and Python's ``sys.stderr`` to the real terminal through
+    :class:`_NoticeFilter`, so progress and this package's messages show and Ray's internal
+    notices do not. What Ray wrote is dropped: it is all in Ray's session logs
+    (``/tmp/ray/session_latest/logs``), and ``emo-data -v`` shows it live. Ray Data's warnings
+    and errors about blocks it drops are silenced too: the build retries those sources or makes
+    them rows."""
     if not active:
         yield
         return
@@ -469,9 +514,11 @@ def _native_logs_hidden(active: bool):
     saved_fd = os.dup(2)
     captured = tempfile.TemporaryFile()
     os.dup2(captured.fileno(), 2)
-    old_stderr = sys.stderr
-    sys.stderr = open(os.dup(saved_fd), "w", buffering=1, encoding=getattr(old_stderr, "encoding", None) or "utf-8",
-                      errors="backslashreplace")
+    old_stderr, old_stdout = sys.stderr, sys.stdout
+    sys.stderr = _NoticeFilter(open(os.dup(saved_fd), "w", buffering=1,
+                                    encoding=getattr(old_stderr, "encoding", None) or "utf-8", errors="backslashreplace"))
+    sys.stdout = _NoticeFilter(old_stdout)  # Ray prints the raylet's notices (a worker died, ...) to stdout
+    warnings.filterwarnings("ignore", module=r"ray(\.|$)")
     moved = []
     for handler in logging.root.handlers + logging.getLogger("emo").handlers:
         if isinstance(handler, logging.StreamHandler) and getattr(handler, "stream", None) is old_stderr:
@@ -485,14 +532,11 @@ def _native_logs_hidden(active: bool):
             handler.setStream(old_stderr)
         sys.stderr.close()
         sys.stderr = old_stderr
+        sys.stdout.drain()
+        sys.stdout = old_stdout
         os.dup2(saved_fd, 2)
         os.close(saved_fd)
-        captured.seek(0)
-        kept = [line for line in captured.read().splitlines(keepends=True) if not _RAY_NATIVE_LOG.match(line)]
         captured.close()
-        if kept:
-            old_stderr.flush()
-            os.write(2, b"".join(kept))
 
 
 def _check_reachable(address: str, timeout_s: float = 10.0) -> None:
@@ -631,6 +675,9 @@ def _run_round(sources: list[Source], out_dir: str, config: BuildConfig, executo
         # when it is imported, so quieten them here rather than at start-up.
         for name in ("ray.data._internal.progress", "ray.data._internal.execution.streaming_executor"):
             logging.getLogger(name).setLevel(logging.ERROR)
+        # Errors about blocks it drops (an actor that died): the build retries those sources in a
+        # new round or seals them as rows, so the traceback is noise; -v shows it.
+        logging.getLogger("ray.data").setLevel(logging.CRITICAL)
     for source in sources:
         clear_source(out_dir, source.source_id)  # parts of an interrupted attempt
     ledger.restart(s.source_id for s in sources)
