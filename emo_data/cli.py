@@ -45,14 +45,19 @@ def _load_config(args) -> BuildConfig:
     if getattr(args, "no_sync_gate", False):
         sync_changes["enabled"] = False
     for flag, key in (("gate_mode", "mode"), ("sync_backend", "backend"), ("syncnet_weights", "syncnet_weights"),
-                      ("sync_min_confidence", "min_confidence"), ("sync_correct_min_confidence", "correct_min_confidence"),
-                      ("min_face_quality", "min_face_quality")):
+                      ("sync_min_confidence", "min_confidence"), ("sync_correct_min_confidence", "correct_min_confidence")):
         if getattr(args, flag, None) is not None:
             sync_changes[key] = getattr(args, flag)
-    if sync_changes:
-        import dataclasses
+    import dataclasses
 
+    if sync_changes:
         config.sync = dataclasses.replace(config.sync, **sync_changes)   # re-validated
+    if getattr(args, "min_face_quality", None) is not None:
+        config.quality = dataclasses.replace(config.quality, min_face_quality=args.min_face_quality)
+    vocal_changes = {k: getattr(args, f) for f, k in (("vocals", "mode"), ("vocals_weights", "weights"))
+                     if getattr(args, f, None) is not None}
+    if vocal_changes:
+        config.vocals = dataclasses.replace(config.vocals, **vocal_changes)
     if getattr(args, "shard_by", None):
         config.shards.group_by = [v.strip() for v in args.shard_by.split(",") if v.strip()]
         from .finalize import shard_prefix
@@ -84,7 +89,12 @@ def _add_build_args(p: argparse.ArgumentParser) -> None:
                       help="reject clips whose sync confidence is below (default: syncnet 3.0, envelope never)")
     gate.add_argument("--sync-correct-min-confidence", type=float,
                       help="re-cut the audio of clips whose offset is at least this confident (default: syncnet 3.0, envelope 4.0)")
-    gate.add_argument("--min-face-quality", type=float, help="reject clips whose face quality score is below (default: score only)")
+    gate.add_argument("--min-face-quality", type=float,
+                      help="reject clips whose face quality (0-1, sharpness x exposure) is below (default: score only)")
+    gate.add_argument("--vocals", choices=["auto", "always", "never"],
+                      help="separate the voice from music / effects before speech activity, the gate and audio features: "
+                           "auto (default) for manifest kinds singing and film when --vocals-weights is given")
+    gate.add_argument("--vocals-weights", help="local HTDemucs (.th / .safetensors) or MDX-Net (.onnx) vocal separator")
     p.add_argument("--min-seconds", type=float, help="shortest clip kept (default 2)")
     p.add_argument("--max-seconds", type=float, help="longest clip (default 10)")
     p.add_argument("--test-fraction", type=float, help="share of footage in the identity-disjoint test split (default 0.1)")

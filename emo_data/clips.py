@@ -36,6 +36,7 @@ class VideoPassInput:
     audio: AudioTrack
     speech: list[SpeechSegment]
     vocals: Optional[AudioTrack] = None    # the separated voice, when vocal separation ran
+    vocals_info: Optional[dict] = None     # whether / why / with which weights (stored per sample)
 
 
 @dataclass
@@ -171,10 +172,31 @@ class VideoPassStage(Stage[VideoPassInput, Iterator[VideoPassItem]]):
 
     def setup(self) -> None:
         from .faces import make_face_backend
+        from .quality import FaceQualityScorer, make_learned_iqa
 
         if self.backend is None:
             self.backend = make_face_backend(self.config.face)
         self.backend.setup()
+        self.quality = FaceQualityScorer(self.config.quality)
+        self.quality.setup()
+        self.learned_quality = make_learned_iqa(self.config.quality)
+        if self.learned_quality is not None:
+            self.learned_quality.setup()
+
+    def _quality(self, frames: list[np.ndarray], boxes: np.ndarray) -> dict[str, float]:
+        """Face image-quality scores of the crop on a few frames (offline, plus MUSIQ if configured)."""
+        from .stage import StageError
+
+        scores: dict[str, float] = {}
+        for scorer in (self.quality, self.learned_quality):
+            if scorer is None:
+                continue
+            picks = scorer.pick_frames(len(frames))
+            try:
+                scores.update(scorer.score([frames[i] for i in picks], boxes, frame_indices=picks))
+            except StageError as exc:   # no usable face box: the clip stays unscored, visibly
+                scores[f"{scorer.name}_error"] = exc.reason
+        return scores
 
     # ------------------------------------------------------------------ per-frame verdict
     def _verdict(self, faces: list[Face], speaking: bool, width: int, height: int,
@@ -320,6 +342,7 @@ class VideoPassStage(Stage[VideoPassInput, Iterator[VideoPassItem]]):
             identity = np.mean(embeddings, axis=0).astype(np.float32)
 
         fmt = self.backend.landmark_format
+        quality = self._quality(frames, crop_boxes)
         motion = mouth_motion(frames, crop_landmarks, fmt, boxes=crop_boxes)
         darkness = mouth_darkness(frames, crop_landmarks, fmt)
         mp4 = encode_mp4(frames, fps, crf=cfg.clip.mp4_crf, preset=cfg.clip.mp4_preset)
@@ -370,4 +393,6 @@ class VideoPassStage(Stage[VideoPassInput, Iterator[VideoPassItem]]):
             mouth_motion=motion,
             mouth_darkness=darkness,
             audio_source="vocals" if vocals is not None else "mix",
+            vocals_info=item.vocals_info,
+            quality=quality,
         )

@@ -95,6 +95,18 @@ class FaceConfig(ConfigBase):
     min_face_px: int = 96           # ... and so is a face box under this many source pixels
     max_track_lost: int = 2         # detections a track may miss before it is dropped
     embed_frames: int = 2           # frames per clip averaged into the identity embedding (~0.1 s each)
+    # Head pose (docs/pose.md). Each track's rigid landmarks follow optical flow, pulled towards
+    # the detected ones by this fraction per frame (1.0 = detected landmarks as they are).
+    landmark_flow_blend: float = 0.02
+    # A face tilted (rolled) by more than this many degrees gets its landmarks, and a missed
+    # detection a second try, on a crop turned upright by the tracked roll.
+    derotate_above_deg: float = 15.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.landmark_flow_blend <= 1.0:
+            raise ValueError(f"face.landmark_flow_blend must be in (0, 1], got {self.landmark_flow_blend}")
+        if self.derotate_above_deg < 0:
+            raise ValueError(f"face.derotate_above_deg must be >= 0, got {self.derotate_above_deg}")
 
 
 @dataclass
@@ -129,7 +141,18 @@ class SpeedConfig(ConfigBase):
     # EMO does not publish d, c_i, r_i: 9 buckets over 0..~3 deg/frame, fit with `emo-data fit-buckets`.
     centers: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5, 2.5])
     radii: list[float] = field(default_factory=lambda: [0.05, 0.05, 0.075, 0.1, 0.125, 0.2, 0.25, 0.4, 0.75])
-    smooth_frames: int = 5          # pose is smoothed with a centred moving average before speeds
+    # The per-frame pose is smoothed on rotations (quaternions) by a centred local polynomial of
+    # this order over this many frames before speeds are taken (emo_data/pose.py, docs/pose.md).
+    smooth_frames: int = 15
+    smooth_order: int = 2
+
+    def __post_init__(self) -> None:
+        if len(self.centers) != len(self.radii) or not self.centers:
+            raise ValueError("speed: centers and radii must be non-empty and of the same length")
+        if any(r <= 0 for r in self.radii):
+            raise ValueError("speed: every radius must be > 0")
+        if self.smooth_frames < 1 or self.smooth_order < 0:
+            raise ValueError("speed: smooth_frames >= 1 and smooth_order >= 0 are required")
 
 
 @dataclass
@@ -157,13 +180,114 @@ class ShardConfig(ConfigBase):
     group_by: list[str] = field(default_factory=list)
 
 
+VOCALS_MODES = ("auto", "always", "never")
+VOCALS_BACKENDS = ("auto", "htdemucs", "mdx_onnx")
+
+
+def vocals_backend_for(path: str) -> str:
+    """Which separator reads a weights file, by its extension."""
+    lower = path.lower()
+    if lower.endswith((".th", ".pt", ".pth", ".safetensors")):
+        return "htdemucs"
+    if lower.endswith(".onnx"):
+        return "mdx_onnx"
+    raise ValueError(f"{path}: cannot tell the separator backend from the extension "
+                     "(.th/.safetensors = htdemucs, .onnx = mdx_onnx); set VocalsConfig.backend")
+
+
+@dataclass
+class VocalsConfig(ConfigBase):
+    # "auto": separate sources whose manifest kind is in ``auto_kinds``, when weights are
+    # configured (no weights: no separation, and the decision says so; the build goes on).
+    # "always": every source; weights required. "never": no source.
+    mode: str = "auto"
+    backend: str = "auto"               # "auto" (by the weights file's extension) | "htdemucs" | "mdx_onnx"
+    weights: Optional[str] = None       # local file: .th / .safetensors (htdemucs) or .onnx (mdx_onnx)
+    device: str = "cpu"                 # "cpu" | "cuda" | "cuda:N"
+    chunk_s: Optional[float] = None     # audio per model call; None = the model's own segment (see module doc)
+    overlap: float = 0.25               # fraction of a segment shared with the next, cross-faded
+    batch_segments: int = 1             # segments per model call (GPU throughput); memory grows with it
+    auto_kinds: list[str] = field(default_factory=lambda: ["singing", "film"])
+    # MDX-Net STFT parameters that an ONNX file does not carry. Defaults are those of UVR's vocal
+    # MDX-Net models (Kim_Vocal_1/2, UVR-MDX-NET-Voc_FT: n_fft 7680, hop 1024, dim_f 3072, dim_t 256).
+    mdx_n_fft: int = 7680
+    mdx_hop: int = 1024
+    mdx_dim_t: Optional[int] = None     # only for files with a dynamic time axis; None = from the file, else 256
+
+    def __post_init__(self) -> None:
+        if self.mode not in VOCALS_MODES:
+            raise ValueError(f"VocalsConfig.mode must be one of {VOCALS_MODES}, not {self.mode!r}")
+        if self.backend not in VOCALS_BACKENDS:
+            raise ValueError(f"VocalsConfig.backend must be one of {VOCALS_BACKENDS}, not {self.backend!r}")
+        if self.weights is not None and (not isinstance(self.weights, str) or not self.weights.strip()):
+            raise ValueError("VocalsConfig.weights must be a path to a local file or None")
+        if self.weights is not None and self.backend == "auto":
+            vocals_backend_for(self.weights)  # raises for an extension no backend reads
+        if self.chunk_s is not None and not (self.chunk_s > 0):
+            raise ValueError(f"VocalsConfig.chunk_s must be > 0 seconds or None, not {self.chunk_s!r}")
+        if not (0.0 <= self.overlap <= 0.5):
+            raise ValueError(f"VocalsConfig.overlap must be in [0, 0.5], not {self.overlap!r}")
+        if int(self.batch_segments) != self.batch_segments or self.batch_segments < 1:
+            raise ValueError(f"VocalsConfig.batch_segments must be a positive integer, not {self.batch_segments!r}")
+        if not isinstance(self.device, str) or not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise ValueError(f"VocalsConfig.device must be 'cpu', 'cuda' or 'cuda:N', not {self.device!r}")
+        self.auto_kinds = [str(k).strip().lower() for k in self.auto_kinds]
+        if self.mdx_n_fft <= 0 or self.mdx_hop <= 0 or (self.mdx_dim_t is not None and self.mdx_dim_t < 2):
+            raise ValueError("VocalsConfig.mdx_n_fft and mdx_hop must be > 0 and mdx_dim_t >= 2")
+
+    def decide(self, kind: str) -> "VocalsDecision":
+        """Whether a source of manifest ``kind`` gets separated, and why (stored per clip)."""
+        kind_norm = (kind or "unknown").strip().lower()
+        if self.mode == "never":
+            return VocalsDecision(False, "mode_never", "vocal separation is off (--vocals never)")
+        if self.mode == "always":
+            return VocalsDecision(True, "mode_always", "every source is separated (--vocals always)")
+        if kind_norm not in self.auto_kinds:
+            return VocalsDecision(False, "kind_not_separated",
+                                  f"kind {kind_norm!r} is not one of {self.auto_kinds} that --vocals auto separates")
+        if self.weights is None:
+            return VocalsDecision(False, "no_weights_configured",
+                                  f"kind {kind_norm!r} would be separated, but no separator weights are "
+                                  "configured (--vocals-weights); the mix was used")
+        return VocalsDecision(True, "kind_separated", f"kind {kind_norm!r} is separated by --vocals auto")
+
+
+@dataclass(frozen=True)
+class VocalsDecision:
+    separate: bool
+    reason: str     # mode_never | mode_always | kind_not_separated | no_weights_configured | kind_separated
+    detail: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"separate": self.separate, "reason": self.reason, "detail": self.detail}
+
+
+@dataclass
+class QualityConfig(ConfigBase):
+    frames: int = 3                        # frames scored per clip: first, middle, last (LatentSync)
+    min_face_quality: Optional[float] = None  # optional gate on ``face_quality`` (None: store only)
+    iqa_backend: Optional[str] = None      # None | "musiq": a learned score beside the offline ones
+    iqa_weights: Optional[str] = None      # local MUSIQ state dict (.pth / .safetensors)
+    iqa_device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if int(self.frames) != self.frames or self.frames < 1:
+            raise ValueError(f"QualityConfig.frames must be a positive integer, not {self.frames!r}")
+        if self.min_face_quality is not None and not (0.0 <= self.min_face_quality <= 1.0):
+            raise ValueError(f"QualityConfig.min_face_quality must be in [0, 1] or None, not {self.min_face_quality!r}")
+        if self.iqa_backend not in (None, "musiq"):
+            raise ValueError(f"QualityConfig.iqa_backend must be None or 'musiq', not {self.iqa_backend!r}")
+        if self.iqa_backend is not None and not self.iqa_weights:
+            raise ValueError(f"iqa_backend {self.iqa_backend!r} needs iqa_weights (a local MUSIQ checkpoint, see docs/sync.md)")
+
+
 @dataclass
 class SyncConfig(ConfigBase):
     """The lip-sync, frozen-face and face-quality gate run on every clip (docs/sync.md).
 
     Offsets are in frames; > 0 means the audio is late. Decisions, in order: a mouth that does
     not move while the voice is active -> ``static_face``; a face-quality score under
-    ``min_face_quality`` -> ``low_quality``; confidence under ``min_confidence`` ->
+    ``QualityConfig.min_face_quality`` -> ``low_quality``; confidence under ``min_confidence`` ->
     ``out_of_sync``; |offset| <= ``keep_tolerance`` -> keep; a confident offset up to
     ``max_correction`` -> the clip's audio is re-cut to match the frames (``correct``); a
     confident larger one -> ``out_of_sync``. ``mode="score"`` stores every score and the decision
@@ -185,7 +309,6 @@ class SyncConfig(ConfigBase):
     correct_min_confidence: Optional[float] = None
     static_check: bool = True               # reject a mouth that does not move while the voice is active
     static_max_motion: float = 0.5          # 90th percentile of mouth motion (grey levels) below this = static
-    min_face_quality: Optional[float] = None  # reject clips whose face quality score is below (None: score only)
 
     def __post_init__(self) -> None:
         if self.mode not in ("enforce", "score"):
@@ -226,6 +349,8 @@ class BuildConfig(ConfigBase):
     identity: IdentityConfig = field(default_factory=IdentityConfig)
     shards: ShardConfig = field(default_factory=ShardConfig)
     sync: SyncConfig = field(default_factory=SyncConfig)
+    vocals: VocalsConfig = field(default_factory=VocalsConfig)
+    quality: QualityConfig = field(default_factory=QualityConfig)
 
 
 @dataclass
@@ -287,4 +412,6 @@ _NESTED = {
     "ShardConfig": ShardConfig,
     "StageResources": StageResources,
     "SyncConfig": SyncConfig,
+    "VocalsConfig": VocalsConfig,
+    "QualityConfig": QualityConfig,
 }

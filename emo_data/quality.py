@@ -56,7 +56,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .config import ConfigBase
+from .config import QualityConfig  # noqa: F401 - re-exported
 from .stage import StageError
 
 CANONICAL_FACE_PX = 256        # faces are compared at this size (the face in a 512 crop is ~280 px)
@@ -79,25 +79,6 @@ MUSIQ_WEIGHTS_HELP = (
 
 class QualityWeightsError(ValueError):
     """The learned IQA model cannot be loaded (package missing, file missing or unsafe)."""
-
-
-@dataclass
-class QualityConfig(ConfigBase):
-    frames: int = 3                        # frames scored per clip: first, middle, last (LatentSync)
-    min_face_quality: Optional[float] = None  # optional gate on ``face_quality`` (None: store only)
-    iqa_backend: Optional[str] = None      # None | "musiq": a learned score beside the offline ones
-    iqa_weights: Optional[str] = None      # local MUSIQ state dict (.pth / .safetensors)
-    iqa_device: str = "cpu"
-
-    def __post_init__(self) -> None:
-        if int(self.frames) != self.frames or self.frames < 1:
-            raise ValueError(f"QualityConfig.frames must be a positive integer, not {self.frames!r}")
-        if self.min_face_quality is not None and not (0.0 <= self.min_face_quality <= 1.0):
-            raise ValueError(f"QualityConfig.min_face_quality must be in [0, 1] or None, not {self.min_face_quality!r}")
-        if self.iqa_backend not in (None, "musiq"):
-            raise ValueError(f"QualityConfig.iqa_backend must be None or 'musiq', not {self.iqa_backend!r}")
-        if self.iqa_backend is not None and not self.iqa_weights:
-            raise QualityWeightsError(f"iqa_backend {self.iqa_backend!r} needs iqa_weights. " + MUSIQ_WEIGHTS_HELP)
 
 
 def pick_frames(num_frames: int, count: int = 3) -> list[int]:

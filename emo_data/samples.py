@@ -85,6 +85,7 @@ class SampleAssemblyStage(Stage[SampleInput, ClipSample]):
             "sync": clip.sync,
             "quality": clip.quality or None,
             "audio_source": clip.audio_source,   # what the gates and audio features heard: mix | vocals
+            "vocals": clip.vocals_info,
             "emo_version": __version__,
             "config": cfg.to_dict(),
         }

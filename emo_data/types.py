@@ -135,6 +135,7 @@ class ClipCandidate:
     quality: dict[str, float] = field(default_factory=dict)  # face image-quality scores of the crop
     sync: Optional[dict[str, Any]] = None        # the lip-sync gate's record, filled by the gate
     audio_source: str = "mix"                    # what the gates and audio features heard: mix | vocals
+    vocals_info: Optional[dict[str, Any]] = None # vocal separation: whether, why, which weights
 
     @property
     def key(self) -> str:

@@ -39,11 +39,10 @@ from typing import Any, Optional
 
 import numpy as np
 
-from .config import ConfigBase
+from .config import VOCALS_BACKENDS, VOCALS_MODES, VocalsConfig, VocalsDecision  # noqa: F401 - re-exported
+from .config import vocals_backend_for as _backend_for_path
 from .stage import StageError
 
-VOCALS_MODES = ("auto", "always", "never")
-VOCALS_BACKENDS = ("auto", "htdemucs", "mdx_onnx")
 DEMUCS_CLASS_NAME = "demucs.htdemucs.HTDemucs"
 
 WEIGHTS_HELP = (
@@ -74,73 +73,6 @@ class VocalsWeightsError(ValueError):
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass
-class VocalsConfig(ConfigBase):
-    # "auto": separate sources whose manifest kind is in ``auto_kinds``, when weights are
-    # configured (no weights: no separation, and the decision says so; the build goes on).
-    # "always": every source; weights required. "never": no source.
-    mode: str = "auto"
-    backend: str = "auto"               # "auto" (by the weights file's extension) | "htdemucs" | "mdx_onnx"
-    weights: Optional[str] = None       # local file: .th / .safetensors (htdemucs) or .onnx (mdx_onnx)
-    device: str = "cpu"                 # "cpu" | "cuda" | "cuda:N"
-    chunk_s: Optional[float] = None     # audio per model call; None = the model's own segment (see module doc)
-    overlap: float = 0.25               # fraction of a segment shared with the next, cross-faded
-    batch_segments: int = 1             # segments per model call (GPU throughput); memory grows with it
-    auto_kinds: list[str] = field(default_factory=lambda: ["singing", "film"])
-    # MDX-Net STFT parameters that an ONNX file does not carry. Defaults are those of UVR's vocal
-    # MDX-Net models (Kim_Vocal_1/2, UVR-MDX-NET-Voc_FT: n_fft 7680, hop 1024, dim_f 3072, dim_t 256).
-    mdx_n_fft: int = 7680
-    mdx_hop: int = 1024
-    mdx_dim_t: Optional[int] = None     # only for files with a dynamic time axis; None = from the file, else 256
-
-    def __post_init__(self) -> None:
-        if self.mode not in VOCALS_MODES:
-            raise ValueError(f"VocalsConfig.mode must be one of {VOCALS_MODES}, not {self.mode!r}")
-        if self.backend not in VOCALS_BACKENDS:
-            raise ValueError(f"VocalsConfig.backend must be one of {VOCALS_BACKENDS}, not {self.backend!r}")
-        if self.weights is not None and (not isinstance(self.weights, str) or not self.weights.strip()):
-            raise ValueError("VocalsConfig.weights must be a path to a local file or None")
-        if self.weights is not None and self.backend == "auto":
-            _backend_for_path(self.weights)  # raises for an extension no backend reads
-        if self.chunk_s is not None and not (self.chunk_s > 0):
-            raise ValueError(f"VocalsConfig.chunk_s must be > 0 seconds or None, not {self.chunk_s!r}")
-        if not (0.0 <= self.overlap <= 0.5):
-            raise ValueError(f"VocalsConfig.overlap must be in [0, 0.5], not {self.overlap!r}")
-        if int(self.batch_segments) != self.batch_segments or self.batch_segments < 1:
-            raise ValueError(f"VocalsConfig.batch_segments must be a positive integer, not {self.batch_segments!r}")
-        if not isinstance(self.device, str) or not (self.device == "cpu" or self.device.startswith("cuda")):
-            raise ValueError(f"VocalsConfig.device must be 'cpu', 'cuda' or 'cuda:N', not {self.device!r}")
-        self.auto_kinds = [str(k).strip().lower() for k in self.auto_kinds]
-        if self.mdx_n_fft <= 0 or self.mdx_hop <= 0 or (self.mdx_dim_t is not None and self.mdx_dim_t < 2):
-            raise ValueError("VocalsConfig.mdx_n_fft and mdx_hop must be > 0 and mdx_dim_t >= 2")
-
-    def decide(self, kind: str) -> "VocalsDecision":
-        """Whether a source of manifest ``kind`` gets separated, and why (stored per clip)."""
-        kind_norm = (kind or "unknown").strip().lower()
-        if self.mode == "never":
-            return VocalsDecision(False, "mode_never", "vocal separation is off (--vocals never)")
-        if self.mode == "always":
-            return VocalsDecision(True, "mode_always", "every source is separated (--vocals always)")
-        if kind_norm not in self.auto_kinds:
-            return VocalsDecision(False, "kind_not_separated",
-                                  f"kind {kind_norm!r} is not one of {self.auto_kinds} that --vocals auto separates")
-        if self.weights is None:
-            return VocalsDecision(False, "no_weights_configured",
-                                  f"kind {kind_norm!r} would be separated, but no separator weights are "
-                                  "configured (--vocals-weights); the mix was used")
-        return VocalsDecision(True, "kind_separated", f"kind {kind_norm!r} is separated by --vocals auto")
-
-
-@dataclass(frozen=True)
-class VocalsDecision:
-    separate: bool
-    reason: str     # mode_never | mode_always | kind_not_separated | no_weights_configured | kind_separated
-    detail: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"separate": self.separate, "reason": self.reason, "detail": self.detail}
-
-
 def make_vocal_separator(config: VocalsConfig) -> Optional["VocalSeparator"]:
     """The separator a build needs under ``config``, or None when no source can be separated.
 
@@ -162,16 +94,6 @@ def make_vocal_separator(config: VocalsConfig) -> Optional["VocalSeparator"]:
     if backend == "htdemucs":
         return HTDemucsSeparator(path, **common)
     return MdxOnnxSeparator(path, n_fft=config.mdx_n_fft, hop=config.mdx_hop, dim_t=config.mdx_dim_t, **common)
-
-
-def _backend_for_path(path: str) -> str:
-    lower = path.lower()
-    if lower.endswith((".th", ".pt", ".pth", ".safetensors")):
-        return "htdemucs"
-    if lower.endswith(".onnx"):
-        return "mdx_onnx"
-    raise ValueError(f"{path}: cannot tell the separator backend from the extension "
-                     "(.th/.safetensors = htdemucs, .onnx = mdx_onnx); set VocalsConfig.backend")
 
 
 # --------------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ class SourcePipeline:
         self.config = config
         self.analyse = SourceAnalysisStage(config)
         self.video = VideoPassStage(config, face_backend=face_backend)
-        self.gate = SyncGateStage.from_build_config(config) if config.sync.enabled else None
+        self.gate = SyncGateStage.from_build_config(config) if SyncGateStage.wanted(config) else None
         self.pose = HeadPoseStage(config.speed)
         self.assemble = SampleAssemblyStage(config)
         self.features = None
@@ -76,7 +76,7 @@ class SourcePipeline:
             summary["duration_s"] = analysed.probe.duration_s
             stage = "video_pass"
             for item in self.video(VideoPassInput(source, analysed.probe, analysed.audio, analysed.speech,
-                                                  vocals=analysed.vocals)):
+                                                  vocals=analysed.vocals, vocals_info=analysed.vocals_info)):
                 if isinstance(item, ClipCandidate):
                     work = ClipInFlight(item)
                     if self.gate is not None:
@@ -140,6 +140,12 @@ def prepare_sources(sources: Iterable[Source] | str, out_dir: str, config: Build
         from emo_data.sync.gate import check_sync_backend
 
         check_sync_backend(config.sync)               # SyncNet weights that load, or a how-to
+    if plan.todo and config.vocals.mode != "never":
+        from emo_data.vocals import make_vocal_separator
+
+        separator = make_vocal_separator(config.vocals)   # weights that load, or a how-to
+        if separator is not None:
+            separator.setup()
     return sources, plan
 
 

@@ -104,15 +104,20 @@ def _worker_logging() -> None:
 
 # ------------------------------------------------------------------------------------------ operators
 class Analyse:
-    """Actor: probe, audio decode and speech activity (the speech model loads once per actor)."""
+    """Actor: probe, audio decode, vocal separation and speech activity (the separator and the
+    speech model load once per actor, on the GPU Ray assigned it, if any)."""
 
     def __init__(self, config_dict: dict):
         from emo_data.analysis import SourceAnalysisStage
 
         _worker_logging()
-        self.analyse = SourceAnalysisStage(BuildConfig.from_dict(config_dict))
+        config = BuildConfig.from_dict(config_dict)
+        gpu = _assigned_gpu()
+        if gpu:
+            config.vocals.device = "cuda"
+        self.analyse = SourceAnalysisStage(config)
         self.analyse.ensure_setup()
-        if _assigned_gpu():
+        if gpu:
             self.analyse.speech.to("cuda")  # diarization on the GPU Ray gave this actor
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
@@ -166,7 +171,7 @@ class VideoPass:
         summary: dict[str, Any] = {"duration_s": analysed.probe.duration_s}
         failure = None
         try:
-            inp = VideoPassInput(source, analysed.probe, analysed.audio, analysed.speech, vocals=analysed.vocals)
+            inp = VideoPassInput(source, analysed.probe, analysed.audio, analysed.speech, vocals=analysed.vocals, vocals_info=analysed.vocals_info)
             for item in self.video(inp):
                 if isinstance(item, ClipCandidate):
                     keys.append(item.key)
@@ -565,6 +570,7 @@ class _Plan:
     analyse_gpus: float
     gate_actors: int = 1
     gate_gpus: float = 0.0
+    gate_wanted: bool = True
 
 
 def _plan(config: BuildConfig, executor: ExecutorConfig, sources: int, cpus: float, gpus: float) -> _Plan:
@@ -578,7 +584,8 @@ def _plan(config: BuildConfig, executor: ExecutorConfig, sources: int, cpus: flo
         return 1.0 if uses_model and gpus > 0 else 0.0
 
     feature_gpus = gpus_for(executor.audio_features, config.audio_features.enabled)
-    analyse_gpus = gpus_for(executor.analyse, config.speech.backend == "pyannote")
+    separates = config.vocals.mode != "never" and bool(config.vocals.weights)
+    analyse_gpus = gpus_for(executor.analyse, config.speech.backend == "pyannote" or separates)
     video = executor.workers or max(1, int(cpus // max(executor.video.num_cpus, 1e-3)))
     video = max(1, min(executor.video.concurrency or video, sources))
     # Light stages: a quarter (speech) or half (wav2vec on CPU) as many actors as video passes
@@ -589,8 +596,11 @@ def _plan(config: BuildConfig, executor: ExecutorConfig, sources: int, cpus: flo
     if not config.audio_features.enabled:
         features = 0
     # The per-clip gate: the weight-free scorer is light; SyncNet takes a GPU each when there are GPUs.
-    gate_gpus = gpus_for(executor.sync_gate, config.sync.backend_name == "syncnet") if config.sync.enabled else 0.0
-    gate = 0 if not config.sync.enabled else (
+    from emo_data.sync.gate import SyncGateStage
+
+    gate_wanted = SyncGateStage.wanted(config)
+    gate_gpus = gpus_for(executor.sync_gate, config.sync.enabled and config.sync.backend_name == "syncnet") if gate_wanted else 0.0
+    gate = 0 if not gate_wanted else (
         executor.sync_gate.concurrency or (max(1, int(gpus // gate_gpus)) if gate_gpus else max(1, video // 2)))
 
     def cpus_needed(v: int) -> float:
@@ -609,7 +619,7 @@ def _plan(config: BuildConfig, executor: ExecutorConfig, sources: int, cpus: flo
             "in --executor-config (see docs/ray.md)")
     return _Plan(video_actors=video, analyse_actors=analyse, feature_actors=max(features, 1),
                  task_concurrency=max(1, video), feature_gpus=feature_gpus, analyse_gpus=analyse_gpus,
-                 gate_actors=max(gate, 1), gate_gpus=gate_gpus)
+                 gate_actors=max(gate, 1), gate_gpus=gate_gpus, gate_wanted=gate_wanted)
 
 
 def _graph(sources: list[Source], config: BuildConfig, executor: ExecutorConfig, out_dir: str, plan: _Plan):
@@ -631,7 +641,7 @@ def _graph(sources: list[Source], config: BuildConfig, executor: ExecutorConfig,
         compute=ray.data.ActorPoolStrategy(size=plan.video_actors, max_tasks_in_flight_per_actor=1),
         num_cpus=executor.video.num_cpus, num_gpus=executor.video.num_gpus or 0.0, **actor_args,
     )
-    if config.sync.enabled:
+    if plan.gate_wanted:
         ds = ds.map_batches(
             SyncGate, fn_constructor_kwargs={"config_dict": config_dict}, batch_size=executor.sync_gate.batch_size,
             compute=ray.data.ActorPoolStrategy(size=plan.gate_actors, max_tasks_in_flight_per_actor=1),

@@ -159,7 +159,7 @@ def test_gate_and_config():
     for bad in (dict(frames=0), dict(min_face_quality=1.5), dict(iqa_backend="hyperiqa")):
         with pytest.raises(ValueError):
             QualityConfig(**bad)
-    with pytest.raises(QualityWeightsError, match="musiq_koniq_ckpt"):
+    with pytest.raises(ValueError, match="needs iqa_weights"):
         QualityConfig(iqa_backend="musiq")
     assert make_learned_iqa(QualityConfig()) is None
 

@@ -62,7 +62,9 @@ def test_decision_thresholds_are_configurable_and_validated():
     assert decide(_result(1, 2.0, "envelope"), 3.0, None, cfg).action == "correct"
     assert decide(_result(6, 2.0, "envelope"), 3.0, None, cfg).reason == "out_of_sync"
     assert decide(_result(0, 0.5, "envelope"), 3.0, None, cfg).reason == "out_of_sync"
-    assert decide(_result(0, 8.0), 3.0, 0.2, SyncConfig(min_face_quality=0.5)).reason == "low_quality"
+    assert decide(_result(0, 8.0), 3.0, 0.2, SyncConfig(), min_face_quality=0.5).reason == "low_quality"
+    assert decide(None, None, 0.2, SyncConfig(enabled=False), min_face_quality=0.5).reason == "low_quality"
+    assert decide(None, 0.0, 0.9, SyncConfig(enabled=False), min_face_quality=0.5).action == "keep"
     with pytest.raises(ValueError):
         SyncConfig(mode="maybe")
     with pytest.raises(ValueError):
@@ -208,3 +210,39 @@ def test_score_mode_keeps_everything_and_no_gate_scores_nothing(variants, tmp_pa
     rows, samples = _build(tmp_path / "off", ["frozen"], variants, SyncConfig(enabled=False))
     row = _clip_row(rows, "frozen")
     assert row.sync_decision is None and json.loads(samples[row.key]["json"])["sync"] is None
+
+
+def test_vocal_separation_feeds_the_gate_and_features_but_the_wav_stays_the_mix(variants, tmp_path, tiny_wav2vec):
+    """A 'singing' source is separated (tiny random MDX-Net loaded the real way), a 'talk' copy of
+    the same file is not: same stored wav, different audio features, and each json says why."""
+    import shutil
+
+    from pipelines.local import build_corpus
+    from test_vocals import export_tiny_mdx
+
+    weights = tmp_path / "mdx_tiny.onnx"
+    export_tiny_mdx(weights, dynamic_time=True)
+    sung = tmp_path / "sung.mp4"
+    shutil.copy(variants["talk"], sung)
+    manifest = tmp_path / "sources.csv"
+    manifest.write_text(f"path,kind\n{sung},singing\n{variants['talk']},talk\n")
+    cfg = BuildConfig()
+    cfg.audio_features.encoder = tiny_wav2vec
+    cfg.vocals.weights = str(weights)
+    build_corpus(str(manifest), str(tmp_path / "out"), cfg, progress=False)
+    samples = {}
+    for shard in sorted((tmp_path / "out").glob("*.tar")):
+        for raw in iter_raw_samples(str(shard)):
+            samples[json.loads(raw["json"])["source_id"]] = raw
+    sung_meta, talk_meta = (json.loads(samples[k]["json"]) for k in ("sung", "talk"))
+    assert sung_meta["vocals"]["separate"] and sung_meta["vocals"]["reason"] == "kind_separated"
+    assert sung_meta["vocals"]["weights_sha256"] and sung_meta["audio_source"] == "vocals"
+    assert sung_meta["sync"]["audio_source"] == "vocals" and sung_meta["audio_emb"]["audio_source"] == "vocals"
+    assert talk_meta["vocals"]["reason"] == "kind_not_separated" and talk_meta["audio_source"] == "mix"
+    if sung_meta["start_s"] == talk_meta["start_s"] and sung_meta["num_frames"] == talk_meta["num_frames"]:
+        assert samples["sung"]["wav"] == samples["talk"]["wav"]            # the mix, untouched
+    from emo_data.schema import load_npy
+
+    sung_emb, talk_emb = load_npy(samples["sung"]["audio_emb.npy"]), load_npy(samples["talk"]["audio_emb.npy"])
+    n = min(len(sung_emb), len(talk_emb))
+    assert not np.allclose(sung_emb[:n], talk_emb[:n])                     # features heard the vocals

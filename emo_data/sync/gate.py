@@ -40,13 +40,18 @@ def mouth_motion_p90(clip: ClipCandidate) -> Optional[float]:
 
 
 def decide(result: Optional[SyncResult], motion_p90: Optional[float], quality: Optional[float],
-           config: SyncConfig) -> GateDecision:
-    """What the gate does with a clip, from its scores (pure; unit-tested on its own)."""
+           config: SyncConfig, min_face_quality: Optional[float] = None) -> GateDecision:
+    """What the gate does with a clip, from its scores (pure; unit-tested on its own). With the
+    sync gate off (``config.enabled`` False) only the face-quality threshold applies."""
+    if not config.enabled:
+        if min_face_quality is not None and quality is not None and quality < min_face_quality:
+            return GateDecision("reject", LOW_QUALITY, f"face quality {quality:.3f} < {min_face_quality:g}")
+        return GateDecision("keep", None, "sync gate off")
     if config.static_check and motion_p90 is not None and motion_p90 < config.static_max_motion:
         return GateDecision("reject", STATIC_FACE,
                             f"mouth motion p90 {motion_p90:.3f} < {config.static_max_motion:g} grey levels while the voice is active")
-    if config.min_face_quality is not None and quality is not None and quality < config.min_face_quality:
-        return GateDecision("reject", LOW_QUALITY, f"face quality {quality:.3f} < {config.min_face_quality:g}")
+    if min_face_quality is not None and quality is not None and quality < min_face_quality:
+        return GateDecision("reject", LOW_QUALITY, f"face quality {quality:.3f} < {min_face_quality:g}")
     if result is None:
         return GateDecision("keep", None, "lip sync not scored")
     min_conf, correct_conf = config.thresholds()
@@ -171,9 +176,11 @@ class SyncGateStage(Stage[ClipCandidate, GateOutcome]):
     name = STAGE_NAME
 
     def __init__(self, config: Optional[SyncConfig] = None, min_frames: int = 50, backend: Optional[SyncBackend] = None,
-                 crop_size: int = 512, mp4_crf: int = 18, mp4_preset: str = "veryfast"):
+                 crop_size: int = 512, mp4_crf: int = 18, mp4_preset: str = "veryfast",
+                 min_face_quality: Optional[float] = None):
         super().__init__()
         self.config = config or SyncConfig()
+        self.min_face_quality = min_face_quality
         self.min_frames = int(min_frames)
         self.crop_size = int(crop_size)
         self.backend = backend
@@ -183,15 +190,22 @@ class SyncGateStage(Stage[ClipCandidate, GateOutcome]):
     def from_build_config(cls, config) -> "SyncGateStage":
         """The gate as a build configures it (``config``: a :class:`emo_data.config.BuildConfig`)."""
         return cls(config.sync, min_frames=int(round(config.clip.min_seconds * config.decode.fps)),
-                   crop_size=config.clip.crop_size, mp4_crf=config.clip.mp4_crf, mp4_preset=config.clip.mp4_preset)
+                   crop_size=config.clip.crop_size, mp4_crf=config.clip.mp4_crf, mp4_preset=config.clip.mp4_preset,
+                   min_face_quality=config.quality.min_face_quality)
+
+    @staticmethod
+    def wanted(config) -> bool:
+        """Does a build with ``config`` run this stage? (the sync gate, or a face-quality threshold)"""
+        return bool(config.sync.enabled or config.quality.min_face_quality is not None)
 
     def setup(self) -> None:
         from .envelope import make_sync_backend
 
-        if self.backend is None:
+        if self.backend is None and self.config.enabled:
             cfg = self.config
             self.backend = make_sync_backend(cfg.backend, cfg.syncnet_weights, cfg.max_offset, cfg.device)
-        self.backend.setup()
+        if self.backend is not None:
+            self.backend.setup()
 
     def to(self, device: str) -> None:
         """Run the backend on ``device`` (the Ray build passes the GPU it assigned)."""
@@ -201,10 +215,15 @@ class SyncGateStage(Stage[ClipCandidate, GateOutcome]):
 
     def process(self, clip: ClipCandidate) -> GateOutcome:
         cfg = self.config
+        quality = clip.quality.get("face_quality") if clip.quality else None
+        if not cfg.enabled:   # only the face-quality threshold runs
+            decision = decide(None, None, quality, cfg, self.min_face_quality)
+            if decision.action == "reject":
+                return GateOutcome(None, self._rejected(clip, decision.reason or LOW_QUALITY, decision.detail, {}))
+            return GateOutcome(clip)
         record: dict[str, Any] = {"mode": cfg.mode, "backend": self.backend.name, "audio_source": clip.audio_source}
         motion = mouth_motion_p90(clip)
         record["mouth_motion_p90"] = None if motion is None else round(motion, 4)
-        quality = clip.quality.get("face_quality") if clip.quality else None
         try:
             result = self.backend.score(sync_input(clip, self.crop_size))
             record.update(result.to_dict())
@@ -212,7 +231,7 @@ class SyncGateStage(Stage[ClipCandidate, GateOutcome]):
         except StageError as exc:  # a clip the backend cannot score stays scoreless, visibly
             result = None
             record["error"] = f"{exc.reason}: {exc.message}"
-        decision = decide(result, motion, quality, cfg)
+        decision = decide(result, motion, quality, cfg, self.min_face_quality)
         record.update({"decision": decision.action, "reason": decision.reason, "detail": decision.detail,
                        "measured_offset_frames": None if result is None else int(result.offset_frames),
                        "applied_offset_frames": 0, "trimmed_frames": 0})
