@@ -4,6 +4,7 @@ failure-fraction exit code. Kept small (4 short samples, no wav2vec) to stay wel
 on 2 cores."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import shutil
@@ -94,6 +95,34 @@ def test_ray_build_matches_local(tmp_path, subset_manifest, local_build):
             assert os.path.exists(os.path.join(out, name[: -len(".tar")] + ".stats.json"))
 
 
+def test_actor_killed_mid_source_is_redone_in_a_new_round(tmp_path, subset_manifest, local_build):
+    """The video-pass actor dies after its first clip of a source, with no Ray task retry left:
+    the source stays unsealed in round 1, and round 2 (started once round 1's actors gave their
+    CPUs back; it never got scheduled when they did not) redoes it. The corpus equals the clean
+    in-process build; a hang would fail on the pytest timeout."""
+    from emo_data.config import BuildConfig, ExecutorConfig
+    from pipelines.ray_build import build_corpus_ray
+
+    crashed = "aniportrait__pose_ref_video"
+    crashes = tmp_path / "crashes"
+    config = BuildConfig()
+    config.audio_features.enabled = False
+    # FAULT INJECTION hook (pipelines/ray_build.py): os._exit(1) after the first clip, once.
+    executor = ExecutorConfig(max_task_retries=0, crash_on_source=f"{crashed},after=1,times=1,state={crashes}")
+    out = str(tmp_path / "out")
+    manifest = _write_manifest(tmp_path / "two.csv", [SUBSET[0], SUBSET[3]])
+    result = build_corpus_ray(manifest, out, config, workers=2, progress=False, executor=executor)
+    assert len(os.listdir(crashes)) == 1  # the actor did die mid-source
+    info = json.load(open(os.path.join(out, "build.json")))["executor"]
+    assert info["rounds"] == 2 and not info["stalled"]
+    assert result.summary.sources_failed == 0 and result.summary.clips >= 1
+    clean = _manifest(local_build)
+    clean = clean[clean.source_id.isin({crashed, "imageio__realshort"})]
+    ours = _rows(_manifest(out))
+    pd.testing.assert_frame_equal(ours.drop(columns=["split", "shard"]), _rows(clean).drop(columns=["split", "shard"]))
+    assert sorted(_shard_keys(out)) == sorted(clean[clean.status == "clip"].key)
+
+
 def test_kill_minus_9_then_resume_gives_the_clean_keys(tmp_path, subset_manifest, local_build):
     out = tmp_path / "resumed"
     cmd = CLI + ["build", subset_manifest, "--out", str(out), "--no-audio-features", "-q", "--executor", "ray", "--workers", "1"]
@@ -167,10 +196,15 @@ def test_crashing_worker_becomes_a_row_and_failure_fraction_exits_nonzero(tmp_pa
 def test_bad_inputs_become_rows_on_ray_and_nothing_sealed_is_lost(tmp_path):
     """Empty, garbage, truncated and audio-less files through the Ray graph: a failed row each,
     naming the file, the stage and the reason; the good source's clips are kept. A re-run with a
-    new bad file added processes only that file and keeps everything already sealed."""
+    new bad file added processes only that file and keeps everything already sealed. Both builds
+    share one Ray, which then reads the shards with ray.data.read_webdataset."""
     import av
+    import numpy as np
+    import ray
 
     from emo_data.config import BuildConfig
+    from emo_data.readers import read_ray_dataset
+    from emo_data.schema import decode_sample
     from pipelines.ray_build import build_corpus_ray
 
     good = sample(SUBSET[2][0])
@@ -189,6 +223,24 @@ def test_bad_inputs_become_rows_on_ray_and_nothing_sealed_is_lost(tmp_path):
     config = BuildConfig()
     config.audio_features.enabled = False
     out = str(tmp_path / "out")
+    ray.init(num_cpus=2, object_store_memory=512 * 1024**2, include_dashboard=False, log_to_driver=False)
+    try:
+        _bad_inputs_then_one_more(folder, out, config, build_corpus_ray)
+        shards = sorted(os.path.join(out, p) for p in os.listdir(out) if p.endswith(".tar"))
+        ours = {raw["__key__"]: decode_sample(raw) for shard in shards for raw in iter_raw_samples(shard)}
+        rows = read_ray_dataset(shards).take_all()
+        assert sorted(r["__key__"] for r in rows) == sorted(ours)
+        for row in rows:
+            mine = ours[row["__key__"]]
+            assert row["mp4"] == mine["mp4"] and row["json"] == mine["json"]
+            assert np.array_equal(row["landmarks.npy"], mine["landmarks.npy"])
+        plain = ray.data.read_webdataset(shards).take(1)[0]  # Ray's own decoders: media stay bytes
+        assert isinstance(plain["mp4"], bytes) and plain["json"]["key"] == plain["__key__"]
+    finally:
+        ray.shutdown()
+
+
+def _bad_inputs_then_one_more(folder, out, config, build_corpus_ray):
     build_corpus_ray(str(folder), out, config, workers=2, progress=False)
     m = _manifest(out)
     failed = m[m.status == "failed"].set_index("source_id")

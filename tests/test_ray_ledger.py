@@ -110,3 +110,48 @@ def test_plan_fits_the_pools_into_the_cluster_or_says_why():
     executor = ExecutorConfig.from_dict({"audio_features": {"num_cpus": 4, "concurrency": 1}})
     with pytest.raises(RuntimeError, match="do not fit"):
         _plan(config, executor, sources=30, cpus=2, gpus=0)
+
+
+def test_stall_watchdog_ends_an_iteration_that_delivers_nothing():
+    """The driver reads Ray Data's rows through _watched: a pipeline that stops delivering (an
+    actor that hangs, a retry that can never be scheduled) ends after the timeout instead of
+    blocking forever; rows before it, normal ends and errors pass through."""
+    import time
+
+    import pytest
+
+    from pipelines.ray_build import _watched
+
+    def stalls():
+        yield "a"
+        yield "b"
+        time.sleep(30)
+        yield "never"
+
+    start = time.monotonic()
+    rows = _watched(stalls(), timeout_s=1.0, poll_s=0.05)
+    assert list(rows) == ["a", "b"] and rows.stalled
+    assert time.monotonic() - start < 5
+    rows = _watched(iter(range(100)), timeout_s=1.0, poll_s=0.05)
+    assert list(rows) == list(range(100)) and not rows.stalled
+
+    def fails():
+        yield "a"
+        raise RuntimeError("executor died")
+
+    with pytest.raises(RuntimeError, match="executor died"):
+        list(_watched(fails(), timeout_s=1.0, poll_s=0.05))
+
+
+def test_unfinished_source_becomes_a_failed_row_with_its_fingerprint(tmp_path):
+    from emo_data.staging import read_marker
+    from pipelines.ray_build import _seal_unfinished
+
+    out = str(tmp_path)
+    _write_part(out, "slow", 0)  # half staged when the watchdog fired
+    _seal_unfinished(_source("slow"), out, "stalled", "no output for 900 s", {"path": "/videos/slow.mp4"})
+    rows = read_staged(out, "slow")["rows"]
+    assert [(r["status"], r["reason"], r["stage"]) for r in rows] == [("failed", "stalled", "worker")]
+    assert not os.path.exists(parts_dir(out, "slow"))
+    marker = read_marker(out, "slow")
+    assert marker["status"] == "failed" and marker["fingerprint"]["path"] == "/videos/slow.mp4"
