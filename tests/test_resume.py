@@ -286,3 +286,26 @@ def test_identities_of_existing_clips_stay_when_clips_are_added():
     second = assign_identities(list(emb2), ["s"] * 11, list(emb2.values()), [None] * 11, 0.5, previous=first)
     assert {k: second[k] for k in first} == first
     assert second["a00"] == first["k02"] and second["a01"] not in set(first.values())
+
+
+def test_hugging_face_datasets_reads_our_shards(base, tmp_path):
+    """datasets.load_dataset("webdataset") with emo_data.readers.hf_features: mp4/wav stay bytes
+    (no torchcodec), arrays and metadata equal what our own reader gives."""
+    from emo_data.readers import load_hf_dataset
+    from emo_data.schema import decode_sample, load_wav
+
+    out = base / "out"
+    ours = {raw["__key__"]: (raw, decode_sample(raw)) for shard in sorted(out.glob("*.tar")) for raw in iter_raw_samples(str(shard))}
+    seen = {}
+    for split in ("train", "test"):
+        for row in load_hf_dataset(str(out), split=split, cache_dir=str(tmp_path / "hf")):
+            assert row["json"]["split"] == split
+            seen[row["__key__"]] = row
+    assert sorted(seen) == sorted(ours) and len(seen) >= 2
+    for key, row in seen.items():
+        raw, mine = ours[key]
+        assert row["mp4"] == raw["mp4"] and row["wav"] == raw["wav"]
+        np.testing.assert_array_equal(load_wav(row["wav"])[0], mine["wav"])
+        np.testing.assert_array_equal(np.asarray(row["landmarks.npy"], np.float32), mine["landmarks.npy"])
+        np.testing.assert_array_equal(np.asarray(row["face_mask.png"]), mine["face_mask.png"])
+        assert row["json"] == mine["json"]
