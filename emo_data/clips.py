@@ -79,17 +79,40 @@ def _square_around(box: np.ndarray, side: float, width: int, height: int) -> np.
     return np.array([x0, y0, x0 + side, y0 + side], dtype=np.float32)
 
 
+def _window_around(box: np.ndarray, side: float, width: int, height: int) -> np.ndarray:
+    """The buffer region of a clip: ``side`` x ``side`` centred on ``box``, narrowed on an axis
+    to the frame's size there and shifted inside the frame. Not always square: in a portrait
+    frame narrower than ``side`` it keeps the full height, so the clip's final square crop can be
+    centred on where the face actually went (re-centring within the frame) instead of cutting the
+    clip whenever the head moves out of a square as narrow as the frame."""
+    w, h = float(min(side, width)), float(min(side, height))
+    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    x0 = min(max(cx - w / 2, 0.0), width - w)
+    y0 = min(max(cy - h / 2, 0.0), height - h)
+    return np.array([x0, y0, x0 + w, y0 + h], dtype=np.float32)
+
+
 def _long_side(box: np.ndarray) -> float:
     return float(max(box[2] - box[0], box[3] - box[1]))
 
 
 def _fits(box: np.ndarray, region: np.ndarray, width: int, height: int, tolerance: float = 1.0) -> bool:
-    """Is the face inside the crop region, as far as the frame lets it be? A face cut by the
-    frame border is judged by its visible part: the region cannot reach past the border either."""
-    x0, y0 = max(float(box[0]), 0.0), max(float(box[1]), 0.0)
-    x1, y1 = min(float(box[2]), float(width)), min(float(box[3]), float(height))
-    return bool(x0 >= region[0] - tolerance and y0 >= region[1] - tolerance
-                and x1 <= region[2] + tolerance and y1 <= region[3] + tolerance)
+    """Is the face inside the crop region, as far as the frame and the region let it be?
+
+    A face cut by the frame border is judged by its visible part (the region cannot reach past
+    the border either). On an axis where the visible face is larger than the region (a face
+    filling a portrait frame), it fits while the region stays within the face: the crop is all
+    face and the boxes are clamped to it, frame by frame."""
+    lo = (max(float(box[0]), 0.0), max(float(box[1]), 0.0))
+    hi = (min(float(box[2]), float(width)), min(float(box[3]), float(height)))
+    for axis in (0, 1):
+        r0, r1 = float(region[axis]), float(region[axis + 2])
+        if hi[axis] - lo[axis] <= r1 - r0:
+            if lo[axis] < r0 - tolerance or hi[axis] > r1 + tolerance:
+                return False
+        elif r0 < lo[axis] - tolerance or r1 > hi[axis] + tolerance:
+            return False
+    return True
 
 
 class _SpeechLookup:
@@ -126,9 +149,11 @@ class _OpenClip:
     """Frames of the clip being assembled, cropped to the buffer region and downscaled."""
 
     def __init__(self, region: np.ndarray, store_side: int, first_index: int):
-        self.region = region                      # square in source pixels
-        self.store_side = store_side              # stored crops are store_side x store_side
-        self.scale = store_side / float(region[2] - region[0])
+        self.region = region                      # window in source pixels (square unless the frame is narrower)
+        self.scale = min(1.0, store_side / float(max(region[2] - region[0], region[3] - region[1])))
+        # stored crops: the region scaled so its long side is at most store_side
+        self.store_size = (max(1, int(round((region[2] - region[0]) * self.scale))),
+                           max(1, int(round((region[3] - region[1]) * self.scale))))
         self.first_index = first_index
         self.images: list[np.ndarray] = []
         self.boxes: list[np.ndarray] = []         # source pixels
@@ -140,10 +165,10 @@ class _OpenClip:
 
         x0, y0, x1, y1 = [int(round(v)) for v in self.region]
         crop = image[y0:y1, x0:x1]
-        if crop.shape[0] != self.store_side:
+        if (crop.shape[1], crop.shape[0]) != self.store_size:
             # INTER_AREA only pays off for strong reductions; it is several times slower
-            interp = cv2.INTER_AREA if crop.shape[0] > 2 * self.store_side else cv2.INTER_LINEAR
-            crop = cv2.resize(crop, (self.store_side, self.store_side), interpolation=interp)
+            interp = cv2.INTER_AREA if crop.shape[1] > 2 * self.store_size[0] else cv2.INTER_LINEAR
+            crop = cv2.resize(crop, self.store_size, interpolation=interp)
         self.images.append(np.ascontiguousarray(crop))
         # A face partly outside the frame (or larger than the region) is clamped to the region on
         # every frame, so boxes, mask and crop always agree.
@@ -267,8 +292,8 @@ class VideoPassStage(Stage[VideoPassInput, Iterator[VideoPassItem]]):
             if joins:
                 if state.clip is None:   # the segmenter opened a clip on this frame
                     side = cfg.clip.buffer_scale * _long_side(face.box)
-                    region = _square_around(face.box, side, width, height)
-                    state.clip = _OpenClip(region, min(store_side, int(region[2] - region[0])), frame.index)
+                    region = _window_around(face.box, side, width, height)
+                    state.clip = _OpenClip(region, store_side, frame.index)
                 state.clip.add(frame.image, face)
         yield from self._apply(state, segmenter.finish())
         summary.duration_s = summary.frames / fps
@@ -315,7 +340,10 @@ class VideoPassStage(Stage[VideoPassInput, Iterator[VideoPassItem]]):
         local = _square_around(local_union, side, int(rw), int(rh))
         crop_box = local + np.array([region[0], region[1], region[0], region[1]], np.float32)
         s = clip.scale
-        x0, y0, x1, y1 = [int(round(v * s)) for v in local]
+        side_px = int(round((local[2] - local[0]) * s))
+        x0 = min(int(round(local[0] * s)), clip.store_size[0] - side_px)
+        y0 = min(int(round(local[1] * s)), clip.store_size[1] - side_px)
+        x1, y1 = x0 + side_px, y0 + side_px
         frames = []
         for img in clip.images:
             sub = img[y0:y1, x0:x1]
@@ -324,7 +352,8 @@ class VideoPassStage(Stage[VideoPassInput, Iterator[VideoPassItem]]):
         clip.images = []  # release the buffer before encoding more
         to_crop = S / float(crop_box[2] - crop_box[0])
         offset = np.array([crop_box[0], crop_box[1]], np.float32)
-        crop_boxes = (boxes.reshape(-1, 2, 2) - offset).reshape(-1, 4) * to_crop
+        # a face larger than the square crop (a face filling a portrait frame) is clamped to it
+        crop_boxes = np.clip((boxes.reshape(-1, 2, 2) - offset).reshape(-1, 4) * to_crop, 0.0, float(S))
         crop_landmarks = (np.stack(clip.landmarks) - offset) * to_crop
 
         identity = None

@@ -90,3 +90,30 @@ def frozen_after(video: Path, out: Path, freeze_at_frame: int) -> Path:
     frames = read_frames(video)
     held = frames[:freeze_at_frame] + [frames[freeze_at_frame]] * (len(frames) - freeze_at_frame)
     return write_video(out, held, read_audio(video))
+
+
+def cropped(video: Path, out: Path, x0: int, y0: int, width: int, height: int) -> Path:
+    """``video`` cut to a window (e.g. a portrait crop whose border cuts the face)."""
+    frames = [f[y0:y0 + height, x0:x0 + width] for f in read_frames(video)]
+    return write_video(out, frames, read_audio(video))
+
+
+def panned(video: Path, out: Path, canvas: tuple[int, int], px_per_frame: float, scale: float = 1.0) -> Path:
+    """``video`` (optionally scaled) sliding across a larger grey canvas (width, height) at a
+    constant speed: a camera pan that carries the face across the frame."""
+    import cv2
+
+    frames = read_frames(video)
+    W, H = canvas
+    out_frames = []
+    for i, f in enumerate(frames):
+        if scale != 1.0:
+            f = cv2.resize(f, (int(f.shape[1] * scale) // 2 * 2, int(f.shape[0] * scale) // 2 * 2), interpolation=cv2.INTER_AREA)
+        h, w = f.shape[:2]
+        x = int(round(i * px_per_frame))
+        page = np.full((H, W, 3), 96, np.uint8)
+        x0, x1 = max(x, 0), min(x + w, W)
+        if x1 > x0:
+            page[(H - h) // 2:(H - h) // 2 + h, x0:x1] = f[:, x0 - x:x1 - x]
+        out_frames.append(page)
+    return write_video(out, out_frames, read_audio(video))
