@@ -30,7 +30,9 @@ from emo_data.schema import (
     write_tar,
 )
 
-SAMPLE_VIDEO = "/work/shared/samples/video/sadtalker__WDA_KatieHill_000.mp4"
+from conftest import SAMPLES  # noqa: E402 - the one documented place: ../shared/samples or $EMO_SAMPLES_DIR
+
+SAMPLE_VIDEO = str(SAMPLES / "video" / "sadtalker__WDA_KatieHill_000.mp4")
 FPS = 25.0
 SR = 16000
 LANDMARKS = 68

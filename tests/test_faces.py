@@ -4,7 +4,6 @@ from __future__ import annotations
 import os
 import socket
 import time
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -14,7 +13,7 @@ from emo_data.config import FaceConfig
 from emo_data.faces import FaceBackend, FaceBackendUnavailable, FaceTracker, box_iou, make_face_backend
 from emo_data.types import Face
 
-SAMPLES = (Path(__file__).parents[1] / ".." / "shared" / "samples").resolve()
+from conftest import SAMPLES  # noqa: E402 - ../shared/samples or $EMO_SAMPLES_DIR
 needs_samples = pytest.mark.skipif(
     not SAMPLES.is_dir(), reason=f"sample footage not found at {SAMPLES} (read-only fixtures)"
 )

@@ -1,7 +1,6 @@
 """Head pose (solvePnP), rotation speed, EMO speed buckets and HeadPoseStage."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,7 +22,7 @@ from emo_data.pose import (
 )
 from emo_data.stage import StageError
 
-SAMPLES = (Path(__file__).parents[1] / ".." / "shared" / "samples").resolve()
+from conftest import SAMPLES  # noqa: E402 - ../shared/samples or $EMO_SAMPLES_DIR
 SIZE = (512, 512)
 T_FACE = (20.0, -15.0, 2400.0)
 
