@@ -188,18 +188,20 @@ def test_table_lists_every_metric(scores):
 
 def test_missing_weights_are_skipped_not_numbers(corpus, tmp_path):
     gen = make_gen_dir(tmp_path / "gen", corpus)
-    cfg = ScoreConfig(metrics=["fid", "fvd", "syncnet", "efid"], expression="deep3d",
-                      i3d_weights=str(tmp_path / "nope.safetensors"))
+    cfg = ScoreConfig(metrics=["fid", "fvd", "syncnet", "efid", "fsim"], expression="deep3d",
+                      i3d_weights=str(tmp_path / "nope.safetensors"), identity="insightface",
+                      face_model_root=str(tmp_path))  # no ArcFace pack there
     result = score_corpus(gen, [corpus], cfg, progress=False)
     m = result["metrics"]
-    assert set(m) == {"fid", "fvd", "syncnet", "efid"}
+    assert set(m) == {"fid", "fvd", "syncnet", "efid", "fsim"}
     assert all(set(v) == {"skipped"} for v in m.values()), m
     assert "no Inception (FID) weights given" in m["fid"]["skipped"]
     assert "nope.safetensors" in m["fvd"]["skipped"]
     assert "Deep3DFaceRecon" in m["efid"]["skipped"]
+    assert "insightface" in m["fsim"]["skipped"]
     from emo_model.eval import format_table
 
-    assert format_table(result).count("skipped") == 4
+    assert format_table(result).count("skipped") == 5
 
 
 # --------------------------------------------------------------------------- offline sync

@@ -42,25 +42,39 @@ def _eval_face_config(backend: str, model_root: Optional[str]):
 class FaceAnalyzer:
     """Loads the face models once; :meth:`track` analyses one video."""
 
-    def __init__(self, identity_backend: str = "dlib", model_root: Optional[str] = None):
-        from emo_data.faces.dlib_backend import DlibBackend, RESNET, SHAPE_68, dlib_model_dir
+    def __init__(self, identity_backend: Optional[str] = "dlib", model_root: Optional[str] = None):
+        """``identity_backend``: "dlib" | "insightface" | None (landmarks only; see :meth:`load_identity`)."""
+        from emo_data.faces.dlib_backend import DlibBackend, SHAPE_68, dlib_model_dir
 
         self.landmarker = DlibBackend(_eval_face_config("dlib", None))
         self.landmarker.setup()
         dlib_dir = dlib_model_dir(None)
         self.landmark_weights = WeightsInfo(f"{dlib_dir}/{SHAPE_68}", file_sha256(f"{dlib_dir}/{SHAPE_68}"))
+        self.identity = None
+        self.identity_name: Optional[str] = None
+        self.identity_weights: list[WeightsInfo] = []
+        self.identity_label = ""
+        if identity_backend is not None:
+            self.load_identity(identity_backend, model_root)
+
+    def load_identity(self, identity_backend: str, model_root: Optional[str] = None) -> None:
+        """Set up the identity embedding (F-SIM); raises when its weights are missing."""
+        from emo_data.faces.dlib_backend import RESNET, dlib_model_dir
+
         name = identity_backend.lower()
         if name == "dlib":
+            path = f"{dlib_model_dir(None)}/{RESNET}"
             self.identity = self.landmarker
-            self.identity_weights = [WeightsInfo(f"{dlib_dir}/{RESNET}", file_sha256(f"{dlib_dir}/{RESNET}"))]
+            self.identity_weights = [WeightsInfo(path, file_sha256(path))]
             self.identity_label = "dlib ResNet 128-d (face-recognition-models)"
         elif name in ("insightface", "arcface"):
             import glob
 
             from emo_data.faces.insightface_backend import InsightFaceBackend, find_pack_dir
 
-            self.identity = InsightFaceBackend(_eval_face_config("insightface", model_root))
-            self.identity.setup()  # raises FaceBackendUnavailable without a local pack
+            backend = InsightFaceBackend(_eval_face_config("insightface", model_root))
+            backend.setup()  # raises FaceBackendUnavailable without a local pack
+            self.identity = backend
             pack = find_pack_dir(model_root)
             self.identity_weights = [WeightsInfo(p, file_sha256(p)) for p in sorted(glob.glob(f"{pack}/*.onnx"))]
             self.identity_label = "ArcFace 512-d (InsightFace pack)"
@@ -91,7 +105,7 @@ class FaceAnalyzer:
             detected[t] = box is not None
             boxes[t] = box if box is not None else fallback_boxes[min(t, len(fallback_boxes) - 1)]
             landmarks[t] = self.landmarker.landmarks(frame, [boxes[t]])[0]
-            if embed and t % embed_stride == 0:
+            if embed and self.identity is not None and t % embed_stride == 0:
                 emb = self.identity.embed(frame, Face(box=boxes[t], landmarks=landmarks[t] if self.identity_name == "dlib" else None))
                 if embeddings is None:
                     embeddings = np.full((T, len(emb)), np.nan, np.float32)

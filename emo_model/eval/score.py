@@ -104,6 +104,8 @@ class _Engines:
             if "faces" in self.skipped:
                 for m in face_metrics:
                     self.skipped[m] = f"face analysis unavailable: {self.skipped['faces']}"
+            elif "fsim" in face_metrics:  # only F-SIM needs the identity embedding
+                self._try("fsim", lambda: self.faces.load_identity(cfg.identity, cfg.face_model_root))
         if "efid" in wanted and "efid" not in self.skipped:
             self._try("efid", self._load_expression)
 
@@ -141,7 +143,7 @@ class _Engines:
     def _load_faces(self):
         from .faces import FaceAnalyzer
 
-        self.faces = FaceAnalyzer(self.cfg.identity, self.cfg.face_model_root)
+        self.faces = FaceAnalyzer(identity_backend=None)  # landmarks (dlib 68); identity below
 
     def _load_expression(self):
         from .expression import make_expression_extractor
@@ -199,13 +201,15 @@ def score_corpus(gen_dir: str, shards: list[str], cfg: Optional[ScoreConfig] = N
         with open(os.path.join(gen_dir, record["files"]["generated"]), "rb") as fh:
             gen = decode_mp4(fh.read())
         gt = decode_mp4(raw["mp4"])
+        ref_idx = int(record.get("reference_frame", 0))
+        reference = gt[ref_idx]  # before cutting: a short generated video may end before the reference frame
         T = min(len(gen), len(gt))
         gen, gt = gen[:T], gt[:T]
         frames_total += T
         audio, _ = load_wav(raw["wav"])
         audio = audio[: int(round(T * 16000 / fps))]
-        gt_boxes = load_npy(raw["face_boxes.npy"])[:T].astype(np.float32)
-        ref_idx = int(record.get("reference_frame", 0))
+        all_boxes = load_npy(raw["face_boxes.npy"]).astype(np.float32)
+        gt_boxes = all_boxes[:T]
         size = (cfg.resolution, cfg.resolution) if cfg.resolution else gen.shape[1:3]
         sizes.add((gen.shape[1], gt.shape[1], size[0]))
         gen_eval, gt_eval = _resize(gen, size), _resize(gt, size)
@@ -247,7 +251,7 @@ def score_corpus(gen_dir: str, shards: list[str], cfg: Optional[ScoreConfig] = N
             def do_fsim():
                 from .faces import cosine
 
-                ref_emb, ref_found = engines.faces.embed_reference(gt[ref_idx], gt_boxes[ref_idx])
+                ref_emb, ref_found = engines.faces.embed_reference(reference, all_boxes[ref_idx])
                 row["fsim"] = {"reference_face_detected": ref_found}
                 for which, track in tracks.items():
                     sims = cosine(track.embeddings[keep], ref_emb)
@@ -255,14 +259,12 @@ def score_corpus(gen_dir: str, shards: list[str], cfg: Optional[ScoreConfig] = N
             run("fsim", do_fsim)
         if engines.expression is not None and len(tracks) == 2:
             def do_efid():
-                ref_lm = tracks["ground_truth"].landmarks[ref_idx]
+                ref_lm = engines.faces.track(reference[None], all_boxes[ref_idx][None], embed=False).landmarks[0]
                 for which, frames in (("generated", gen), ("ground_truth", gt)):
-                    lm = tracks[which].landmarks
-                    if which == "generated":  # the reference landmarks in this video's pixels
-                        ref = ref_lm * scale[:2]
-                    else:
-                        ref = ref_lm
-                    expr_feats[which].append(engines.expression.extract(frames[keep], lm[keep], gt[ref_idx], ref))
+                    # the reference's landmarks in this video's pixels
+                    ref = ref_lm * scale[:2] if which == "generated" else ref_lm
+                    expr_feats[which].append(engines.expression.extract(frames[keep], tracks[which].landmarks[keep],
+                                                                        reference, ref))
             run("efid", do_efid)
         if engines.syncnet is not None:
             def do_syncnet():
