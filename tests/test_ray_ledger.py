@@ -155,3 +155,24 @@ def test_unfinished_source_becomes_a_failed_row_with_its_fingerprint(tmp_path):
     assert not os.path.exists(parts_dir(out, "slow"))
     marker = read_marker(out, "slow")
     assert marker["status"] == "failed" and marker["fingerprint"]["path"] == "/videos/slow.mp4"
+
+
+def test_a_clip_the_gate_rejected_resolves_its_key_and_keeps_its_row(tmp_path):
+    from pipelines.ray_build import GATED
+
+    out = str(tmp_path)
+    src = _source("talk_g")
+    ledger = _Ledger([src], out)
+    k0 = _write_part(out, "talk_g", 0)
+    k1 = "talk_g_00001"                      # rejected by the sync gate: no part is written
+    gated = {"status": "rejected", "source_id": "talk_g", "path": src.path, "key": k1, "start_s": 3.0, "end_s": 6.0,
+             "duration_s": 3.0, "reason": "static_face", "stage": "sync_gate", "sync_decision": "reject"}
+    ledger.add("talk_g", END, {"keys": [k0, k1], "rows": [], "summary": {"duration_s": 6.0, "clips": 2, "kept_s": 4.6},
+                               "failure": None})
+    assert ledger.add("talk_g", GATED, {"key": k1, "row": gated}) is None
+    status, summary = ledger.add("talk_g", WRITTEN, {"key": k0, "row": _clip_row("talk_g", 0, 1.0)})
+    assert status == "ok" and is_done(out, "talk_g")
+    # the summary counts what was kept after the gate, not what the video pass cut
+    assert summary["clips"] == 1 and abs(summary["kept_s"] - 1.6) < 1e-9
+    rows = read_staged(out, "talk_g")["rows"]
+    assert [(r["status"], r.get("key"), r.get("reason")) for r in rows] == [("clip", k0, None), ("rejected", k1, "static_face")]
