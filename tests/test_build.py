@@ -160,9 +160,13 @@ def test_rerun_resumes_without_redoing_work(built_corpus, tiny_wav2vec, capsys):
     from emo_data.cli import main
 
     before = sorted(_samples(built_corpus))
+    files = {p.name: (p.stat().st_mtime_ns, p.stat().st_ino) for p in built_corpus.iterdir() if p.is_file()}
+    capsys.readouterr()
     assert main(["build", str(REPO / "manifests" / "samples.csv"), "--out", str(built_corpus), "--audio-encoder", tiny_wav2vec, "--executor", "local", "-q"]) == 0
     out = capsys.readouterr().out
     assert "11 were already done, 0 processed now" in out.replace("sources were", "were")
+    assert "speed" not in out and "unchanged" in out  # no work: no speed figure, no file rewritten
+    assert {p.name: (p.stat().st_mtime_ns, p.stat().st_ino) for p in built_corpus.iterdir() if p.is_file()} == files
     assert sorted(_samples(built_corpus)) == before
 
 
