@@ -97,6 +97,19 @@ def _assign_ids(entries: list[_Entry], previous: Optional[dict[str, Any]] = None
     return [e.source for e in entries]
 
 
+def check_sources(sources: list[Source]) -> list[Source]:
+    """Sources built in code (not read from a manifest) meet the same rules: safe, unique ids."""
+    seen: dict[str, str] = {}
+    for s in sources:
+        if not SOURCE_ID_RE.match(s.source_id or ""):
+            raise ManifestError(f"source {s.path}: source_id {s.source_id!r} may hold only letters, digits, '_' and '-' "
+                                "(at most 160): it names the sample keys and staging folders")
+        if s.source_id in seen:
+            raise ManifestError(f"source_id {s.source_id!r} is used by both {seen[s.source_id]} and {s.path}")
+        seen[s.source_id] = s.path
+    return sources
+
+
 def read_sources(spec: str, previous_ids: Optional[dict[str, Any]] = None) -> list[Source]:
     """A manifest CSV/parquet (column ``path`` required), a directory, or a glob -> sources.
 

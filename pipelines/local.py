@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterable, Optional
 
 from emo_data.config import BuildConfig
 from emo_data.finalize import CorpusSummary, check_resplit, finalize_corpus
-from emo_data.manifest import read_sources
+from emo_data.manifest import check_sources, read_sources
 from emo_data.resume import ResumePlan, plan_resume
 from emo_data.stage import StageError
 from emo_data.staging import SourceStagingWriter, staged_paths
@@ -127,7 +127,8 @@ def prepare_sources(sources: Iterable[Source] | str, out_dir: str, config: Build
     """Read the sources (keeping ids already staged in ``out_dir``), refuse a split-changing
     config without ``resplit``, and plan which sources to (re)do. Shared by both executors."""
     os.makedirs(out_dir, exist_ok=True)
-    sources = read_sources(sources, previous_ids=staged_paths(out_dir)) if isinstance(sources, str) else list(sources)
+    sources = (read_sources(sources, previous_ids=staged_paths(out_dir)) if isinstance(sources, str)
+               else check_sources(list(sources)))
     check_resplit(out_dir, config, resplit)
     plan = plan_resume(out_dir, sources, config)
     if plan.redo:

@@ -234,6 +234,14 @@ def test_source_ids_are_checked_when_the_manifest_is_read(tmp_path):
     (tmp_path / "m.csv").write_text(f"path,audio_stream\n{video},first\n")
     with pytest.raises(ManifestError, match="row 1 .*audio_stream"):
         read_sources(str(tmp_path / "m.csv"))
+    # sources made in code meet the same rules, before any work
+    from emo_data.config import BuildConfig
+    from emo_data.types import Source
+    from pipelines.local import build_corpus
+
+    with pytest.raises(ManifestError, match="'talk.v2'"):
+        build_corpus([Source(video, "talk.v2")], str(tmp_path / "out"), BuildConfig(), progress=False)
+    assert not (tmp_path / "out" / "staging").exists()
 
 
 def test_colliding_names_get_ids_that_do_not_depend_on_manifest_order(tmp_path):
