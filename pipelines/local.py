@@ -16,7 +16,7 @@ from emo_data.finalize import CorpusSummary, check_resplit, finalize_corpus
 from emo_data.manifest import check_sources, read_sources
 from emo_data.resume import ResumePlan, plan_resume
 from emo_data.stage import StageError
-from emo_data.staging import SourceStagingWriter, staged_paths
+from emo_data.staging import SourceStagingWriter, clear_source, staged_paths
 from emo_data.types import ClipCandidate, RejectedSpan, Source
 
 log = logging.getLogger("emo.build")
@@ -147,6 +147,8 @@ def prepare_sources(sources: Iterable[Source] | str, out_dir: str, config: Build
         separator = make_vocal_separator(config.vocals)   # weights that load, or a how-to
         if separator is not None:
             separator.setup()
+    for source in plan.todo:  # a changed source's old marker must not make it look done
+        clear_source(out_dir, source.source_id)
     return sources, plan
 
 

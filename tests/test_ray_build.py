@@ -236,6 +236,14 @@ def test_bad_inputs_become_rows_on_ray_and_nothing_sealed_is_lost(tmp_path):
             assert np.array_equal(row["landmarks.npy"], mine["landmarks.npy"])
         plain = ray.data.read_webdataset(shards).take(1)[0]  # Ray's own decoders: media stay bytes
         assert isinstance(plain["mp4"], bytes) and plain["json"]["key"] == plain["__key__"]
+
+        # A config that shapes samples redoes every sealed source through the Ray graph.
+        config.clip.min_seconds = 3.0  # the good source's only clip is 2.1 s long
+        result = build_corpus_ray(str(folder), out, config, workers=2, progress=False)
+        assert (result.processed, result.skipped) == (5, 0) and len(result.plan.redo) == 5
+        m = _manifest(out)
+        assert not (m.status == "clip").any() and "too_short" in set(m[m.source_id == "good"].reason)
+        assert json.load(open(os.path.join(out, "build.json")))["config"]["clip"]["min_seconds"] == 3.0
     finally:
         ray.shutdown()
 
