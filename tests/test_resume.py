@@ -317,3 +317,33 @@ def test_hugging_face_datasets_reads_our_shards(base, tmp_path):
         np.testing.assert_array_equal(np.asarray(row["landmarks.npy"], np.float32), mine["landmarks.npy"])
         np.testing.assert_array_equal(np.asarray(row["face_mask.png"]), mine["face_mask.png"])
         assert row["json"] == mine["json"]
+
+
+def test_a_finalisation_cut_off_mid_swap_is_completed_or_dropped(copy):
+    """Final shards are written to .finalize.tmp/ and swapped in; a crash during the swap leaves
+    some new files there, which the next run moves in (the set is complete: .complete lists it);
+    a crash while writing (no .complete) leaves the old shards, and the half-written set goes."""
+    import json as _json
+
+    from emo_data.finalize import SCRATCH_DIR, recover_interrupted
+
+    out = copy / "out"
+    shard_files = sorted(p.name for p in out.iterdir() if p.name.endswith((".tar", ".index.json", ".stats.json")))
+    scratch = out / SCRATCH_DIR
+    scratch.mkdir()
+    moved = [n for n in shard_files if n.startswith("train-")]
+    for name in moved:  # the swap had moved the test files already, not yet these
+        os.replace(out / name, scratch / name)
+    (out / "old-000007.tar").write_bytes(b"a shard the new set does not have")
+    (scratch / ".complete").write_text(_json.dumps({"files": shard_files}))
+    assert recover_interrupted(str(out))
+    assert sorted(p.name for p in out.iterdir() if p.name.endswith((".tar", ".index.json", ".stats.json"))) == shard_files
+    assert not scratch.exists()
+    for shard in out.glob("*.tar"):
+        assert validate_shard(str(shard))[1] == []
+
+    scratch.mkdir()
+    (scratch / "train-000000.tar").write_bytes(b"half written")
+    before = {n: (out / n).read_bytes() for n in shard_files}
+    assert recover_interrupted(str(out))
+    assert not scratch.exists() and {n: (out / n).read_bytes() for n in shard_files} == before
