@@ -23,7 +23,9 @@ audio track (64 KB/s) is the only per-source object.
 Staging and resume: the write tasks put each clip in ``staging/<source>/<key>.tar`` (temporary
 name, fsync, rename). The driver seals a source (rows, then the ``.done`` marker) only when its
 ``end`` row and every clip key it lists have come back, so a marker always means "all parts are
-on disk". A re-run skips sealed sources and redoes the others from scratch.
+on disk", and holds the source's fingerprint (what it was made from). A re-run skips sealed
+sources whose fingerprint still matches and redoes the others from scratch (emo_data/resume.py,
+shared with the in-process executor).
 
 Fault isolation:
 
