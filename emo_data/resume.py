@@ -19,6 +19,11 @@ from .finalize import SampleStore
 from .staging import fingerprint_changes, parts_dir, read_marker, read_staged, source_fingerprint, staged_config
 from .types import Source
 
+# Failures that say nothing about the input (a worker process died, the build stalled): a re-run
+# tries those sources again. Failures of the file itself (unreadable, no audio...) stay sealed
+# until the file or the config changes.
+TRANSIENT_FAILURES = ("worker_crash", "stalled")
+
 
 @dataclass
 class ResumePlan:
@@ -60,6 +65,17 @@ def _config_reference(out_dir: str, source: Source, marker: dict[str, Any],
     return (in_shards[0] if in_shards else stored_config), []
 
 
+def _transient_failure(out_dir: str, source_id: str, marker: dict[str, Any]) -> Optional[str]:
+    if marker.get("status") == "ok":
+        return None
+    try:
+        rows = read_staged(out_dir, source_id)["rows"]
+    except (OSError, ValueError, KeyError):
+        return None
+    reasons = {r.get("reason") for r in rows if r.get("status") == "failed"}
+    return next((r for r in TRANSIENT_FAILURES if r in reasons), None)
+
+
 def plan_resume(out_dir: str, sources: list[Source], config: BuildConfig) -> ResumePlan:
     plan = ResumePlan()
     config_dict = config.to_dict()
@@ -70,6 +86,11 @@ def plan_resume(out_dir: str, sources: list[Source], config: BuildConfig) -> Res
         marker = read_marker(out_dir, source.source_id)
         if marker is None:
             plan.todo.append(source)
+            continue
+        transient = _transient_failure(out_dir, source.source_id, marker)
+        if transient:
+            plan.todo.append(source)
+            plan.redo[source.source_id] = [f"the last attempt failed with {transient} (not the file's fault): retried"]
             continue
         stored = marker.get("fingerprint")
         if not stored:

@@ -347,3 +347,25 @@ def test_a_finalisation_cut_off_mid_swap_is_completed_or_dropped(copy):
     before = {n: (out / n).read_bytes() for n in shard_files}
     assert recover_interrupted(str(out))
     assert not scratch.exists() and {n: (out / n).read_bytes() for n in shard_files} == before
+
+
+def test_a_source_lost_to_a_worker_crash_is_retried_by_the_next_run(copy, capsys):
+    """A crash or stall says nothing about the file: the next run tries the source again (a bad
+    file's failure stays sealed until the file or the config changes)."""
+    from emo_data.staging import read_marker, seal_source
+
+    radio = "v-express__RD_Radio10_0_clip_0"
+    fingerprint = read_marker(str(copy / "out"), radio)["fingerprint"]
+    crashed = {"status": "failed", "source_id": radio, "path": "x", "reason": "worker_crash", "stage": "worker",
+               "detail": "a worker process died"}
+    seal_source(str(copy / "out"), radio, [crashed], {"duration_s": 0.0}, "failed", fingerprint)
+    capsys.readouterr()
+    assert _build(copy) == 0
+    out = capsys.readouterr().out
+    assert "1 processed now" in out and "worker_crash" in out
+    assert read_marker(str(copy / "out"), radio)["status"] == "ok"
+    # a failure of the file itself is not retried
+    unreadable = dict(crashed, reason="unreadable", stage="probe")
+    seal_source(str(copy / "out"), radio, [unreadable], {"duration_s": 0.0}, "failed", fingerprint)
+    assert _build(copy) == 0
+    assert "0 processed now" in capsys.readouterr().out
