@@ -153,7 +153,9 @@ def load_structured(path_stem: str, device=None) -> Any:
 
     with open(path_stem + ".json") as fh:
         data = json.load(fh)
-    tensors = load_file(path_stem + ".safetensors", device=str(device or "cpu")) if data["has_tensors"] else {}
+    tensors = load_file(path_stem + ".safetensors") if data["has_tensors"] else {}  # CPU ("cpu:0" is refused)
+    if device is not None and torch.device(device).type != "cpu":
+        tensors = {k: v.to(device) for k, v in tensors.items()}
     return _unflatten(data["tree"], tensors)
 
 
@@ -330,8 +332,8 @@ def load_training_state(checkpoint: str, *, optimizer, lr_scheduler, ema, traina
         if os.path.isdir(ema_dir):
             with open(os.path.join(checkpoint, STATE_DIR, "ema.json")) as fh:
                 meta = json.load(fh)
-            weights = load_file(os.path.join(ema_dir, "diffusion_pytorch_model.safetensors"), device=str(device))
-            meta["shadow_params"] = [weights[n].to(torch.float32) for n in trainable_names]
+            weights = load_file(os.path.join(ema_dir, "diffusion_pytorch_model.safetensors"))
+            meta["shadow_params"] = [weights[n].to(device=device, dtype=torch.float32) for n in trainable_names]
             ema.load_state_dict(meta)
         else:
             logger.warning("%s has no EMA weights (trained without --use-ema): the EMA starts from the current weights",

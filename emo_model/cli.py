@@ -25,7 +25,8 @@ def _box(text: str):
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="emo-sample", description="EMO: portrait + audio -> talking-head video")
-    ap.add_argument("--model", help="directory written by EMOPipeline.save_pretrained")
+    ap.add_argument("--model", help="directory written by EMOPipeline.save_pretrained, or an emo-train checkpoint-N directory")
+    ap.add_argument("--ema", action="store_true", help="use the EMA weights of an emo-train checkpoint (its emo_ema/)")
     ap.add_argument("--image", help="reference portrait")
     ap.add_argument("--audio", help="voice track (any format PyAV reads; resampled to 16 kHz mono)")
     ap.add_argument("--out", help="output .mp4")
@@ -75,7 +76,15 @@ def main(argv=None) -> int:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else (torch.float16 if device.startswith("cuda") else torch.float32)
-    pipe = EMOPipeline.from_pretrained(args.model, dtype=dtype)
+    if args.ema:
+        from .model import EMOModel
+
+        ema_dir = os.path.join(args.model, "emo_ema")
+        if not os.path.isdir(ema_dir):
+            build_parser().error(f"--ema: {args.model} has no emo_ema/ (trained without --use-ema?)")
+        pipe = EMOPipeline.from_pretrained(args.model, emo=EMOModel.from_pretrained(ema_dir, dtype=dtype), dtype=dtype)
+    else:
+        pipe = EMOPipeline.from_pretrained(args.model, dtype=dtype)
     if args.cpu_offload:
         pipe.enable_model_cpu_offload()
     else:
@@ -109,7 +118,9 @@ def main(argv=None) -> int:
     write_mp4(args.out, out.frames, fps=args.fps, audio=audio_out)
     print(
         f"{args.out}: {n} frames ({n / args.fps:.2f} s at {args.fps:g} fps), {out.frames.shape[2]}x{out.frames.shape[1]}, "
-        f"seed {seed}, face region: {out.face_box_source}, {elapsed:.1f} s"
+        f"seed {seed}, face region: {out.face_box_source}, speed buckets: "
+        f"{'trained (' + str(len(pipe.emo.config.speed_centers)) + ' centres from the model config)' if pipe.emo.config.speed_centers else 'defaults'}, "
+        f"{elapsed:.1f} s"
     )
     return 0
 

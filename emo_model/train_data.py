@@ -446,8 +446,12 @@ def samples_per_slot(num_samples: int, world_size: int, num_workers: int) -> int
     per = num_samples // slots
     if per < 1:
         fit = num_samples // world_size
-        hint = (f"use --num-workers {fit if fit > 1 else 0} or fewer" if fit >= 1
-                else f"use at most {num_samples} processes")
+        if fit > 1:
+            hint = f"use --num-workers {fit} or fewer"
+        elif fit == 1:
+            hint = "use --num-workers 0 (one stream per process)"
+        else:
+            hint = f"use at most {num_samples} processes"
         raise DataContractError(
             f"{num_samples} usable samples cannot feed {slots} data streams ({world_size} processes x "
             f"{max(num_workers, 1)} DataLoader workers): each stream needs at least one sample per epoch; {hint}, or add data")
@@ -456,13 +460,20 @@ def samples_per_slot(num_samples: int, world_size: int, num_workers: int) -> int
 
 @dataclass
 class StreamLayout:
-    """Where a process sits among the data streams; ``start_items[w]``: items worker w already produced."""
+    """Where a process sits among the data streams.
+
+    A process has ``max(num_workers, 1)`` streams ("logical workers"); the DataLoader takes batch
+    ``m`` (counted over the whole run) from stream ``m % workers``. ``start_items[l]``: items stream
+    ``l`` had produced when this loader starts; ``first_batch``: the run's micro-batch count then (a
+    resumed loader's first physical worker serves stream ``first_batch % workers``, so the rotation
+    continues where it stopped)."""
 
     seed: int
     rank: int = 0
     world_size: int = 1
     num_workers: int = 0
     start_items: list = field(default_factory=list)
+    first_batch: int = 0
 
 
 class ShardStream(torch.utils.data.IterableDataset):
@@ -487,12 +498,18 @@ class ShardStream(torch.utils.data.IterableDataset):
             samples_per_slot(len(self.refs), layout.world_size, layout.num_workers)
 
     # -- positions
-    @staticmethod
-    def items_per_worker(micro_batches: int, num_workers: int, batch_size: int) -> list[int]:
-        """Items each worker produced when the loader has given ``micro_batches`` batches (the
-        DataLoader takes batches from its workers in strict rotation)."""
-        w = max(num_workers, 1)
-        return [(micro_batches // w + (1 if i < micro_batches % w else 0)) * batch_size for i in range(w)]
+    def items_per_stream(self, micro_batches: int, batch_size: int) -> list[int]:
+        """Items each of this process's streams has produced once the run has taken ``micro_batches``
+        batches in total (the DataLoader takes batches from its workers in strict rotation): what a
+        checkpoint stores as the data position."""
+        w = max(self.layout.num_workers, 1)
+        start = list(self.layout.start_items) or [0] * w
+        first = int(self.layout.first_batch)
+        counts = [0] * w
+        for stream in range(w):  # batches m in [first, micro_batches) with m % w == stream
+            lo = first + ((stream - first) % w)
+            counts[stream] = max(0, (micro_batches - lo + w - 1) // w) if micro_batches > lo else 0
+        return [a + c * batch_size for a, c in zip(start, counts)]
 
     # -- order
     def indices(self, slot: int, skip: int = 0) -> Iterator[tuple[tuple, int]]:
@@ -535,8 +552,9 @@ class ShardStream(torch.utils.data.IterableDataset):
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         if workers != max(self.layout.num_workers, 1):
             raise RuntimeError(f"stream laid out for {self.layout.num_workers} workers, running in {workers}")
-        slot = self.layout.rank * workers + worker
-        skip = self.layout.start_items[worker] if self.layout.start_items else 0
+        stream = (worker + int(self.layout.first_batch)) % workers
+        slot = self.layout.rank * workers + stream
+        skip = self.layout.start_items[stream] if self.layout.start_items else 0
         reader = MemberReader()
         try:
             for entropy, idx in self.indices(slot, skip):
@@ -559,23 +577,22 @@ class ShardStream(torch.utils.data.IterableDataset):
         raise RuntimeError(f"4 consecutive samples from {self.refs[idx].shard}:{self.refs[idx].key} failed to load") from last
 
 
-def worker_init(_worker_id: int) -> None:
-    """One thread per DataLoader worker for torch and OpenCV (the workers are the parallelism)."""
-    torch.set_num_threads(1)
-    try:
-        import cv2
-
-        cv2.setNumThreads(1)
-    except Exception:  # noqa: BLE001 - OpenCV is optional here
-        pass
-
-
 def make_loader(stream: ShardStream, batch_size: int) -> torch.utils.data.DataLoader:
+    """A DataLoader over ``stream`` (batching inside the workers; torch already runs each worker on
+    one thread). OpenCV is set to one thread here, in the parent: its thread pool does not survive
+    fork, and calling ``cv2.setNumThreads`` inside a forked worker after the parent used the pool
+    hangs (measured); the workers are the parallelism."""
     workers = stream.layout.num_workers
+    if workers:
+        try:
+            import cv2
+
+            cv2.setNumThreads(1)
+        except Exception:  # noqa: BLE001 - OpenCV is optional here
+            pass
     return torch.utils.data.DataLoader(
         stream, batch_size=batch_size, num_workers=workers, collate_fn=collate,
-        worker_init_fn=worker_init if workers else None, pin_memory=torch.cuda.is_available(),
-        prefetch_factor=4 if workers else None,
+        pin_memory=torch.cuda.is_available(), prefetch_factor=4 if workers else None,
     )
 
 

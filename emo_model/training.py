@@ -429,7 +429,7 @@ def train(cfg: TrainConfig, components: Optional[Components] = None) -> dict:
         step, micro_batches = int(state["step"]), int(state["micro_batches"])
         data = state["data"]
         if data["world_size"] == world and data["num_workers"] == cfg.num_workers:
-            start_items = data["items_per_worker"]
+            start_items = data["items_per_stream"]
         else:  # another layout: continue at the same share of the data, not the same items
             consumed = micro_batches * data["batch_size"] * data["world_size"]
             per_stream = consumed // (world * max(cfg.num_workers, 1))
@@ -453,18 +453,11 @@ def train(cfg: TrainConfig, components: Optional[Components] = None) -> dict:
     maker = ItemMaker(cfg.stage, size, int(raw_model.config.num_motion_frames), int(raw_model.config.num_frames),
                       int(raw_model.config.audio_window), int(raw_model.config.speed_window), report.use_latents)
     layout = StreamLayout(seed=cfg.seed, rank=rank, world_size=world, num_workers=cfg.num_workers,
-                          start_items=list(start_items or []))
+                          start_items=list(start_items or []), first_batch=micro_batches)
     stream = ShardStream(report.usable, maker, layout, shuffle_buffer=cfg.shuffle_buffer,
                          shard_shuffle=cfg.shard_shuffle, resampled=cfg.resampled)
     loader = make_loader(stream, cfg.batch_size)
     latent_scale = report.latents["scaling_factor"] if report.use_latents else None
-    items0 = list(start_items) if start_items else [0] * max(cfg.num_workers, 1)
-    base_micro = micro_batches
-
-    def items_per_worker(k: int) -> list:
-        """Items each DataLoader worker has produced for the training loop after ``k`` micro-batches."""
-        new = ShardStream.items_per_worker(k - base_micro, cfg.num_workers, cfg.batch_size)
-        return [a + b for a, b in zip(items0, new)]
 
     # --- logging
     metrics_path = os.path.join(cfg.out, "metrics.jsonl")
@@ -528,7 +521,8 @@ def train(cfg: TrainConfig, components: Optional[Components] = None) -> dict:
 
             if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
                 last_checkpoint = _save(accelerator, cfg, step, micro_batches, raw_model, optimizer, lr_scheduler, ema,
-                                        names, params, generator, items_per_worker(micro_batches), report, components_dir)
+                                        names, params, generator, stream.items_per_stream(micro_batches, cfg.batch_size), report,
+                                        components_dir)
             if cfg.val_every and step % cfg.val_every == 0:
                 if main:
                     _validate(accelerator, cfg, step, raw_model, vae, components, val_samples, ema, params, weight_dtype)
@@ -557,7 +551,7 @@ def _save(accelerator, cfg, step, micro_batches, raw_model, optimizer, lr_schedu
         state = {
             "step": step, "stage": cfg.stage, "micro_batches": micro_batches, "seed": cfg.seed,
             "data": {"world_size": accelerator.num_processes, "num_workers": cfg.num_workers, "batch_size": cfg.batch_size,
-                     "grad_accum": cfg.grad_accum, "items_per_worker": items_all[0], "items_per_worker_by_rank": items_all,
+                     "grad_accum": cfg.grad_accum, "items_per_stream": items_all[0], "items_per_stream_by_rank": items_all,
                      "resampled": cfg.resampled},
             "ranks_in_sync": in_sync, "weights_checksum": checksums[0], "trainable_tensors": len(names),
             "speed_centers": report.speed_centers, "speed_radii": report.speed_radii, "use_latents": report.use_latents,

@@ -1,5 +1,5 @@
-"""Training smoke test: the three stages on a tiny model, from a shard written in the real schema."""
-import json
+"""The three training stages on a tiny model, from shards of real footage: what trains, what
+gets gradients, what is saved."""
 import os
 
 import numpy as np
@@ -8,70 +8,49 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-schema = pytest.importorskip("emo_data.schema", reason="data-side shard schema not importable")
-pytest.importorskip("webdataset", reason="webdataset not installed")
+pytest.importorskip("emo_data.schema", reason="data-side shard schema not importable")
 
-from emo_model import EMOModel, speed_bucket_encoding  # noqa: E402
-from emo_model.training import TrainConfig, train, trainable_parameter_names  # noqa: E402
+from emo_model import EMOModel  # noqa: E402
+from emo_model.training import (  # noqa: E402
+    TrainConfig,
+    load_components,
+    reachable_parameter_names,
+    train,
+    trainable_parameter_names,
+    training_loss,
+)
+from train_helpers import shared_corpus  # noqa: E402
 
 torch.set_num_threads(1)
-T = 20  # frames per clip (>= n + f = 16)
-
-
-def _members(rng, with_audio=True):
-    frames = (rng.random((T, 64, 64, 3)) * 255).astype(np.uint8)
-    mask = np.zeros((64, 64), np.uint8)
-    mask[12:52, 16:48] = 255
-    speed = rng.random(T).astype(np.float32) * 1.5
-    m = {
-        "mp4": schema.encode_mp4(list(frames), fps=25),
-        "wav": schema.wav_bytes(rng.standard_normal(T * 640).astype(np.float32) * 0.1),
-        "face_mask.png": schema.png_bytes(mask),
-        "face_boxes.npy": schema.npy_bytes(np.tile(np.array([[16, 12, 48, 52]], np.float32), (T, 1))),
-        "landmarks.npy": schema.npy_bytes(np.zeros((T, 68, 2), np.float32)),
-        "head_pose.npy": schema.npy_bytes(np.zeros((T, 6), np.float32)),
-        "head_speed.npy": schema.npy_bytes(speed),
-        "speed_buckets.npy": schema.npy_bytes(speed_bucket_encoding(speed)),
-        "identity_emb.npy": schema.npy_bytes(np.zeros(128, np.float32)),
-        "json": json.dumps({"schema_version": schema.SCHEMA_VERSION}).encode(),
-    }
-    if with_audio:  # tiny wav2vec2: 3 hidden states of 32 dims
-        m["audio_emb.npy"] = schema.npy_bytes(rng.standard_normal((T, 3, 32)).astype(np.float16))
-    return m
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    from emo_model.tiny import make_tiny_model
-
-    root = tmp_path_factory.mktemp("train")
-    model_dir = make_tiny_model(str(root / "model"))
-    rng = np.random.default_rng(0)
-    shard = str(root / "train-000000.tar")
-    samples = [(f"clip_{i:05d}", _members(rng, with_audio=i != 1), {"i": i}) for i in range(3)]
-    schema.write_tar(shard, samples)
-    return model_dir, shard, root
+def corpus(tmp_path_factory, tiny_wav2vec):
+    return shared_corpus(tmp_path_factory, tiny_wav2vec)
 
 
-def _groups(model):
+def _config(corpus, stage, out, **kw):
+    base = dict(stage=stage, model=corpus["model"], shards=corpus["train"], out=str(out), steps=2, batch_size=1,
+                num_workers=0, drop_reference=0, drop_audio=0, drop_motion=0, lr=1e-5, log_with=[], progress=False)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _params(model):
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
 @pytest.mark.parametrize("stage", ["image", "video", "speed"])
-def test_stage_step(setup, stage, tmp_path):
-    from emo_model.training import load_components
-
-    model_dir, shard, _ = setup
-    cfg = TrainConfig(stage=stage, model=model_dir, shards=[shard], out=str(tmp_path / "run"), steps=2,
-                      batch_size=1, num_workers=0, drop_reference=0, drop_audio=0, drop_motion=0, lr=1e-5)
+def test_stage_step(corpus, stage, tmp_path):
+    cfg = _config(corpus, stage, tmp_path / "run")
     components = load_components(cfg)
-    model = components[0]
-    before = _groups(model)
+    model = components.model
+    before = _params(model)
     result = train(cfg, components=components)
     assert len(result["losses"]) == 2 and all(np.isfinite(result["losses"]))
-    after = _groups(model)
+    after = _params(model)
     changed = {n for n in before if not torch.equal(before[n], after[n])}
-    trainable = set(trainable_parameter_names(model, stage))
+    trainable = set(trainable_parameter_names(model, stage)) & reachable_parameter_names(model.config, stage)
     assert changed and changed <= trainable  # frozen parameters never move
     if stage == "image":
         assert not any(".motion_modules." in n or "audio" in n or "speed" in n for n in trainable)
@@ -83,6 +62,47 @@ def test_stage_step(setup, stage, tmp_path):
         assert any(".speed_attn." in n for n in changed) and any(".motion_modules." in n and ".speed_" not in n for n in changed)
         assert not any("audio" in n for n in trainable)  # audio layers frozen (paper)
         assert not any(n.startswith(("reference_net.", "face_locator.")) for n in trainable)
-    saved = EMOModel.from_pretrained(result["checkpoint"])
-    s = saved.state_dict()
-    assert all(torch.equal(s[n], after[n]) for n in after)
+    # the last checkpoint is a pipeline directory whose emo/ holds exactly the trained weights
+    assert result["checkpoint"].endswith("checkpoint-2")
+    assert sorted(os.listdir(result["checkpoint"])) == sorted(
+        ["audio_encoder", "emo", "feature_extractor", "model_index.json", "scheduler", "train_config.json",
+         "training_state", "vae"])
+    saved = EMOModel.from_pretrained(os.path.join(result["checkpoint"], "emo")).state_dict()
+    assert all(torch.equal(saved[n], after[n]) for n in after)
+
+
+def test_unreachable_parameters_are_exactly_the_ones_without_gradient():
+    """The meta-device probe names the 20 ReferenceNet tensors of the last transformer block
+    (after its norm1) in stage image, and nothing in stages video/speed (motion frames read it)."""
+    from emo_model.tiny import tiny_emo_config
+
+    config = EMOModel(**tiny_emo_config()).config
+    image = set(trainable_parameter_names(EMOModel(**tiny_emo_config()), "image")) - reachable_parameter_names(config, "image")
+    assert len(image) == 20 and all(n.startswith("reference_net.up_blocks.3.attentions.1.") for n in image)
+    assert not any(n.endswith("norm1.weight") for n in image)
+    for stage in ("video", "speed"):
+        model = EMOModel(**tiny_emo_config())
+        assert set(trainable_parameter_names(model, stage)) <= reachable_parameter_names(config, stage)
+
+
+@pytest.mark.parametrize("stage", ["image", "video", "speed"])
+def test_every_trained_parameter_gets_a_gradient_even_with_all_conditions_dropped(corpus, stage, tmp_path):
+    """What DDP without find_unused_parameters needs: with every condition dropped for every
+    sample (reference masked, audio/speed zeroed, motion zeroed), each trained parameter still
+    receives a gradient, because dropout masks per sample instead of skipping modules."""
+    from emo_model.train_data import ItemMaker, MemberReader, check_contract, collate, load_catalog
+
+    cfg = _config(corpus, stage, tmp_path, drop_reference=1.0, drop_audio=1.0, drop_motion=1.0, drop_speed=1.0)
+    model, vae, scheduler = load_components(cfg)[:3]
+    report = check_contract(load_catalog(corpus["train"]), model.config, stage, 64)
+    c = model.config
+    maker = ItemMaker(stage, 64, c.num_motion_frames, c.num_frames, c.audio_window, c.speed_window)
+    reader = MemberReader()
+    batch = collate([maker(ref, np.random.default_rng(i), reader) for i, ref in enumerate(report.usable[:2])])
+    names = set(trainable_parameter_names(model, stage)) & reachable_parameter_names(c, stage)
+    for n, p in model.named_parameters():
+        p.requires_grad_(n in names)
+    loss = training_loss(model, vae, scheduler, batch, stage, cfg, torch.Generator().manual_seed(0))
+    loss.backward()
+    missing = [n for n, p in model.named_parameters() if n in names and p.grad is None]
+    assert not missing, missing[:5]

@@ -74,3 +74,49 @@ def tiny_pipeline_dir(path: str) -> str:
     from emo_model.tiny import make_tiny_model
 
     return make_tiny_model(path)
+
+
+_SHARED: dict = {}
+
+
+def shared_corpus(tmp_path_factory, wav2vec: str) -> dict:
+    """One corpus (+ tiny pipeline) per pytest session for all training tests (built once, ~15 s):
+    ``{"root", "train": [2 shards x 3 samples], "test": [1 shard x 3], "model": tiny EMOPipeline dir}``.
+    Tests that modify shards copy them first (:func:`copy_shards`)."""
+    if "corpus" not in _SHARED:
+        root = tmp_path_factory.mktemp("train_corpus")
+        corpus = write_corpus(str(root / "shards"), wav2vec=wav2vec)
+        corpus["model"] = tiny_pipeline_dir(str(root / "tiny"))
+        corpus["root"] = str(root)
+        _SHARED["corpus"] = corpus
+    return _SHARED["corpus"]
+
+
+def copy_shards(paths: list, dest: str) -> list:
+    """Copy shards with their index sidecars into ``dest``."""
+    import shutil
+
+    from emo_data.schema import index_path_for
+
+    os.makedirs(dest, exist_ok=True)
+    out = []
+    for p in paths:
+        target = os.path.join(dest, os.path.basename(p))
+        shutil.copy2(p, target)
+        shutil.copy2(index_path_for(p), index_path_for(target))
+        out.append(target)
+    return out
+
+
+def read_metrics(out_dir: str) -> list:
+    with open(os.path.join(out_dir, "metrics.jsonl")) as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def subprocess_env() -> dict:
+    """Environment for training subprocesses: offline, one thread per process (deterministic and
+    fast on a busy 2-core machine), the repository importable."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    env["PYTHONPATH"] = repo + os.pathsep + env.get("PYTHONPATH", "")
+    return env
