@@ -258,6 +258,11 @@ def _make_accelerator(cfg: TrainConfig):
         if not is_tensorboard_available():
             raise RuntimeError("--log-with tensorboard needs the tensorboard package: pip install tensorboard "
                                "(or --log-with none)")
+    from accelerate.state import AcceleratorState
+
+    # accelerate keeps one global state per process; a second train() in the same process (tests,
+    # notebooks, chained stages) may use other precision settings. The process group is kept.
+    AcceleratorState._reset_state()
     # No GPU: say so, so that torchrun / accelerate launch on CPU give real multi-process (gloo) DDP.
     cpu = not torch.cuda.is_available()
     return Accelerator(
@@ -319,8 +324,18 @@ def train(cfg: TrainConfig, components: Optional[Components] = None) -> dict:
     from, "trainable": n, "checkpoint": last checkpoint dir, "contract": summary}``."""
     from tqdm import tqdm
 
+    if cfg.use_8bit_adam:  # fail before loading anything
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError as exc:
+            raise RuntimeError("--use-8bit-adam needs bitsandbytes (pip install bitsandbytes; CUDA GPUs only)") from exc
     accelerator = _make_accelerator(cfg)
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
+    if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true") and world == 1 and "WORLD_SIZE" not in os.environ:
+        logger.warning("`accelerate launch --cpu` starts one process (accelerate runs several CPU processes only through "
+                       "mpirun, --mpirun_hostfile). For N processes on CPU use `torchrun --nproc_per_node N -m "
+                       "emo_model.training ...` or `accelerate launch --multi_gpu --num_processes N ...` (without GPUs "
+                       "this trainer runs them on CPU with gloo)")
     if cfg.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

@@ -42,7 +42,9 @@ def _params(model):
 
 @pytest.mark.parametrize("stage", ["image", "video", "speed"])
 def test_stage_step(corpus, stage, tmp_path):
-    cfg = _config(corpus, stage, tmp_path / "run")
+    # stage video also runs gradient checkpointing, bf16 autocast and gradient accumulation
+    extra = dict(gradient_checkpointing=True, mixed_precision="bf16", grad_accum=2) if stage == "video" else {}
+    cfg = _config(corpus, stage, tmp_path / "run", **extra)
     components = load_components(cfg)
     model = components.model
     before = _params(model)
@@ -106,3 +108,32 @@ def test_every_trained_parameter_gets_a_gradient_even_with_all_conditions_droppe
     loss.backward()
     missing = [n for n, p in model.named_parameters() if n in names and p.grad is None]
     assert not missing, missing[:5]
+
+
+def test_per_sample_dropout_equals_the_unconditional_branch():
+    """reference_keep / motion_keep drop conditions per sample: a dropped sample gets exactly what
+    sampling's unconditional branch computes (no reference tokens / zero motion features), the
+    kept sample is unchanged."""
+    from emo_model.tiny import tiny_emo_config
+
+    torch.manual_seed(0)
+    model = EMOModel(**tiny_emo_config()).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    g = torch.Generator().manual_seed(1)
+    x, ref = torch.randn(2, 4, 12, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    motion, audio = torch.randn(2, 4, 4, 8, 8, generator=g), torch.randn(2, 12, 5, 3, 32, generator=g)
+    t = torch.tensor([500, 500])
+    with torch.no_grad():
+        full = model(x, t, reference_latents=ref, motion_latents=motion, audio_features=audio).sample
+        dropped = model(x, t, reference_latents=ref, motion_latents=motion, audio_features=audio,
+                        reference_keep=torch.tensor([True, False]), motion_keep=torch.tensor([False, True])).sample
+        no_ref = model(x, t, reference_latents=ref, motion_latents=motion, audio_features=audio, use_reference=False).sample
+        no_motion = model(x, t, reference_latents=ref, motion_latents=None, audio_features=audio).sample
+        neither = model(x[1:], t[1:], reference_latents=ref[1:], motion_latents=motion[1:], audio_features=audio[1:],
+                        use_reference=False).sample
+    torch.testing.assert_close(dropped[1], neither[0], atol=1e-5, rtol=1e-4)  # sample 1: no reference, motion kept
+    torch.testing.assert_close(dropped[1], no_ref[1], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(dropped[0], no_motion[0], atol=1e-5, rtol=1e-4)  # sample 0: reference kept, motion zero
+    assert not torch.allclose(dropped[0], full[0], atol=1e-4) and not torch.allclose(dropped[1], full[1], atol=1e-4)

@@ -19,7 +19,7 @@ def _torchrun(corpus, out, *extra):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "emo_model.training", "--stage", "image", "--model", corpus["model"], "--shards", corpus["train"][0],
            "--out", out, "--steps", "3", "--batch-size", "1", "--num-workers", "1", "--save-every", "2",
-           "--drop-reference", "0.5", "--seed", "4", "--log-with", "none", "--no-progress", *extra]
+           "--grad-accum", "2", "--drop-reference", "0.5", "--seed", "4", "--log-with", "none", "--no-progress", *extra]
     run = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=240)
     if run.returncode:
         open(out + ".log", "w").write(run.stderr)
