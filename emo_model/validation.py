@@ -105,10 +105,4 @@ def log_sheet(accelerator, sheet: np.ndarray, step: int) -> None:
             logger.warning("could not log the contact sheet to %s: %s", tracker.name, exc)
 
 
-def pick_validation_samples(val_refs: list, count: int, num_frames: int, size: int) -> list[dict]:
-    from .train_data import load_validation_samples
-
-    return load_validation_samples(val_refs, count, num_frames, size)
-
-
-__all__ = ["make_pipeline", "run_validation", "contact_sheet", "log_sheet", "pick_validation_samples"]
+__all__ = ["make_pipeline", "run_validation", "contact_sheet", "log_sheet"]
