@@ -217,6 +217,9 @@ class EMOModel(ModelMixin, ConfigMixin):
         b, c, f, h, w = sample.shape
         if reference is None and reference_latents is not None:
             reference = self.encode_reference(reference_latents, motion_latents)
+        # one host sync here instead of one per transformer block: all kept = no mask at all
+        if reference_keep is not None and bool(reference_keep.all()):
+            reference_keep = None
         if motion_keep is not None and reference is not None and reference.motion is not None and not bool(motion_keep.all()):
             n_mot = reference.num_motion_frames
             keep = motion_keep.to(device=sample.device).repeat_interleave(n_mot)

@@ -308,7 +308,7 @@ class TransformerBlock(nn.Module):
         q, k, v = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in (q, k, v))
         mask = None
         keep = cond.reference_keep
-        if keep is not None and not bool(keep.all()):
+        if keep is not None:  # EMOModel.forward passes None when every sample keeps its reference
             # Per-sample reference dropout: a dropped sample's queries may not see the reference
             # keys, which is exactly SD self-attention (softmax over its own tokens only), while
             # the ReferenceNet stays in the graph of every step (DDP needs no unused parameters).
