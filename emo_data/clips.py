@@ -38,6 +38,12 @@ class VideoPassInput:
     vocals: Optional[AudioTrack] = None    # the separated voice, when vocal separation ran
     vocals_info: Optional[dict] = None     # whether / why / with which weights (stored per sample)
 
+    @classmethod
+    def from_analysis(cls, analysed) -> "VideoPassInput":
+        """From an :class:`emo_data.analysis.AnalysedSource`."""
+        return cls(analysed.source, analysed.probe, analysed.audio, analysed.speech,
+                   vocals=analysed.vocals, vocals_info=analysed.vocals_info)
+
 
 @dataclass
 class VideoPassSummary:

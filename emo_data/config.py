@@ -382,11 +382,10 @@ class ExecutorConfig(ConfigBase):
     workers: Optional[int] = None         # video-pass actors (and CPUs of an embedded Ray); None = all CPUs
     analyse: StageResources = field(default_factory=lambda: StageResources(num_cpus=0.0))
     video: StageResources = field(default_factory=lambda: StageResources(num_cpus=1.0, num_gpus=0.0))
-    # batch_size 1: a batch waits until it is full, and a source is sealed only when its last clip is back
-    sync_gate: StageResources = field(default_factory=lambda: StageResources(num_cpus=0.0))
-    head_pose: StageResources = field(default_factory=lambda: StageResources(num_cpus=0.0))
-    audio_features: StageResources = field(default_factory=lambda: StageResources(num_cpus=0.0))
-    write: StageResources = field(default_factory=lambda: StageResources(num_cpus=0.0))
+    # The per-clip steps (emo_data/clip_steps.py: sync_gate, head_pose, audio_features, write, and
+    # any added later), by name; a step not named here uses the default it declares. batch_size
+    # stays 1: a batch waits until it is full, and a source is sealed only when its last clip is back.
+    clip_steps: dict[str, StageResources] = field(default_factory=dict)
     object_store_memory: int = 768 * 1024 ** 2   # embedded Ray only: clips in flight, not the corpus
     worker_niceness: int = 0              # embedded Ray only; Ray's own default (15) starves workers on a busy machine
     idle_workers: Optional[int] = None    # embedded Ray only: idle worker processes kept for reuse; None = 4 x workers + 4
@@ -398,6 +397,26 @@ class ExecutorConfig(ConfigBase):
     # yet sealed becomes a failed row (reason "stalled"). A clip or a sealed source counts as output.
     stall_timeout_s: float = 900.0
     crash_on_source: Optional[str] = None  # FAULT INJECTION (tests only): the video worker calls os._exit(1) on this source_id
+
+    def resources_for(self, step: str, default: StageResources) -> StageResources:
+        """The resources of per-clip step ``step``: configured, else the step's own default."""
+        return self.clip_steps.get(step, default)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        """Also reads the layout before the per-clip steps were declared by name (``audio_features``,
+        ``head_pose``, ``write``, ``sync_gate`` at the top level), so older files keep working."""
+        data = dict(data)
+        steps = {k: v for k, v in dict(data.pop("clip_steps", None) or {}).items()}
+        for legacy in ("sync_gate", "head_pose", "audio_features", "write"):
+            if legacy in data:
+                steps.setdefault(legacy, data.pop(legacy))
+        config = _from_dict(cls, data)
+        config.clip_steps = {name: value if isinstance(value, StageResources) else StageResources.from_dict(value)
+                             for name, value in steps.items()}
+        return config
+
+
 
 
 _NESTED = {

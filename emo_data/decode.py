@@ -269,3 +269,24 @@ def iter_frames(path: str, fps: float = 25.0, threads: int = 0) -> Iterator[Deco
 
 def expected_frame_count(duration_s: float, fps: float) -> int:
     return int(math.floor(duration_s * fps + 0.5))
+
+
+def work_estimate(path: str, probe: bool = True) -> float:
+    """Rough work estimate for longest-first scheduling: seconds x sqrt(pixels / 512^2) from the
+    container header (decode cost grows with resolution), else the file size."""
+    import os
+
+    if probe and "://" not in path:
+        try:
+            import av
+
+            with av.open(path) as c:
+                v = c.streams.video[0]
+                seconds = float(c.duration or 0) / 1e6
+                return seconds * max(1.0, (v.codec_context.width * v.codec_context.height) / 512.0 ** 2) ** 0.5 * 1e9
+        except Exception:  # noqa: BLE001 - ordering only; the probe stage reports bad files
+            pass
+    try:
+        return float(os.path.getsize(path))
+    except OSError:
+        return 0.0

@@ -31,6 +31,7 @@ from typing import Any, Iterable, Optional, Union
 import numpy as np
 
 from .config import BuildConfig
+from .fsio import update_json_atomic, write_json_atomic
 from .identity import SplitReport, assign_identities, plan_split
 from .manifest import ManifestRow, write_manifest
 from .schema import INDEX_SUFFIX, SCHEMA_VERSION, ShardWriter, read_index
@@ -251,11 +252,12 @@ def _shard_stats(metas: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _write_json(path: str, payload: Any, indent: Optional[int] = 1) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as fh:
-        json.dump(payload, fh, indent=indent, sort_keys=True)
-        fh.write("\n")
-    os.replace(tmp, path)
+    write_json_atomic(path, payload, indent=indent, sort_keys=True, newline=True)
+
+
+def note_executor(out_dir: str, info: dict[str, Any]) -> None:
+    """Record how a build ran (executor, plan, rounds, timeline) in its build.json, atomically."""
+    update_json_atomic(os.path.join(out_dir, "build.json"), "executor", info)
 
 
 def finalize_corpus(

@@ -37,6 +37,7 @@ from typing import Any, Iterable, Optional
 
 import numpy as np
 
+from .fsio import write_json_atomic
 from .schema import StreamingTarWriter, encode_sample
 from .types import ClipSample, Source
 
@@ -63,13 +64,12 @@ def is_done(out_dir: str, source_id: str) -> bool:
     return os.path.exists(done_marker(out_dir, source_id))
 
 
+def _numpy_as_json(obj: Any):
+    return obj.tolist() if isinstance(obj, np.ndarray) else float(obj)
+
+
 def _write_json_atomic(path: str, payload: Any) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as fh:
-        json.dump(payload, fh, default=lambda o: o.tolist() if isinstance(o, np.ndarray) else float(o))
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    write_json_atomic(path, payload, fsync=True, default=_numpy_as_json)
 
 
 def write_staged_sample(out_dir: str, source_id: str, sample: ClipSample, config_dict: Optional[dict] = None) -> str:
@@ -120,7 +120,10 @@ def seal_source(out_dir: str, source_id: str, rows: list[dict[str, Any]], summar
     marker: dict[str, Any] = {"status": status, "samples": samples if status == "ok" else 0}
     if fingerprint is not None:
         marker["fingerprint"] = fingerprint
-        marker["digest"] = fingerprint_digest(fingerprint)
+        # what finalisation compares: what the source was made from *and* what came out (a retried
+        # crash has the same fingerprint but new rows)
+        outcome = hashlib.sha256(json.dumps([status, rows], sort_keys=True, default=str).encode()).hexdigest()[:16]
+        marker["digest"] = fingerprint_digest({"fingerprint": fingerprint_digest(fingerprint), "outcome": outcome})
     _write_json_atomic(base + ".done", marker)
 
 

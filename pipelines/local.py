@@ -16,101 +16,87 @@ from emo_data.finalize import CorpusSummary, check_resplit, finalize_corpus
 from emo_data.manifest import check_sources, read_sources
 from emo_data.resume import ResumePlan, plan_resume
 from emo_data.stage import StageError
-from emo_data.staging import SourceStagingWriter, clear_source, staged_paths
+from emo_data.staging import clear_source, staged_paths
 from emo_data.types import ClipCandidate, RejectedSpan, Source
 
 log = logging.getLogger("emo.build")
 
 
 class SourcePipeline:
-    """All per-source stages, each set up once; ``run(source)`` stages one source completely."""
+    """All per-source stages, each set up once; ``run(source)`` stages one source completely.
+
+    The same stages as the Ray build, called in a row: analysis, the video pass, then the
+    per-clip steps of :mod:`emo_data.clip_steps`; a :class:`emo_data.ledger.SourceLedger` seals
+    each source exactly as the Ray driver does."""
 
     def __init__(self, config: BuildConfig, face_backend=None):
         from emo_data.analysis import SourceAnalysisStage
         from emo_data.clips import VideoPassStage
-        from emo_data.pose import HeadPoseStage
-        from emo_data.samples import SampleAssemblyStage
-        from emo_data.sync.gate import SyncGateStage
 
         self.config = config
         self.analyse = SourceAnalysisStage(config)
         self.video = VideoPassStage(config, face_backend=face_backend)
-        self.gate = SyncGateStage.from_build_config(config) if SyncGateStage.wanted(config) else None
-        self.pose = HeadPoseStage(config.speed)
-        self.assemble = SampleAssemblyStage(config)
-        self.features = None
-        if config.audio_features.enabled:
-            from emo_data.audio_features import AudioFeatureStage
-
-            self.features = AudioFeatureStage(config.audio_features)
+        self._steps: Optional[tuple[str, list]] = None   # (out_dir, [(name, fn)]) built on first use
 
     def setup(self) -> None:
-        for stage in (self.analyse, self.video, self.gate, self.pose, self.assemble, self.features):
-            if stage is not None:
-                stage.ensure_setup()
+        for stage in (self.analyse, self.video):
+            stage.ensure_setup()
+
+    def steps(self, out_dir: str) -> list:
+        from emo_data.clip_steps import clip_steps
+
+        if self._steps is None or self._steps[0] != out_dir:
+            device = "cpu"
+            self._steps = (out_dir, [(step.name, step.make(self.config, device, out_dir)) for step in clip_steps(self.config)])
+        return self._steps[1]
 
     def run(self, source: Source, out_dir: str, on_clip: Optional[Callable[[float], None]] = None,
             fingerprint: Optional[dict[str, Any]] = None) -> dict[str, Any]:
         """Stage one source (sealed with ``fingerprint``, see emo_data.resume); returns its
         summary. Never raises for a bad source."""
-        from emo_data.clip_work import (
-            ClipInFlight, add_audio_features, add_head_motion, apply_sync_gate, assemble_sample, clip_row, failed_row,
-            gate_rejected_row, order_rows, rejected_row, staged_totals,
-        )
         from emo_data.analysis import SourceAnalysisError
+        from emo_data.clip_work import ClipInFlight, failed_row, rejected_row
         from emo_data.clips import VideoPassInput, VideoPassSummary
+        from emo_data.ledger import CLIP, END, FAILED, WRITTEN, ClipResult, SourceEnd, SourceLedger
 
         self.setup()
-        writer = SourceStagingWriter(out_dir, source, self.config.to_dict(), fingerprint)
-        rows: list[dict[str, Any]] = []
-        summary: dict[str, Any] = {"duration_s": 0.0}
-        stage = "analyse"
+        steps = self.steps(out_dir)
+        clear_source(out_dir, source.source_id)      # leftovers of an interrupted attempt
+        ledger = SourceLedger([source], out_dir, {source.source_id: fingerprint} if fingerprint else None)
         try:
-            try:
-                analysed = self.analyse(source)
-            except SourceAnalysisError as exc:
-                summary["duration_s"] = exc.duration_s
-                writer.abort()
-                writer.seal([failed_row(source, exc.stage, exc.cause)], summary, "failed")
-                return summary
-            summary["duration_s"] = analysed.probe.duration_s
-            stage = "video_pass"
-            for item in self.video(VideoPassInput(source, analysed.probe, analysed.audio, analysed.speech,
-                                                  vocals=analysed.vocals, vocals_info=analysed.vocals_info)):
+            analysed = self.analyse(source)
+        except SourceAnalysisError as exc:
+            end = SourceEnd([], [], {"duration_s": exc.duration_s}, failed_row(source, exc.stage, exc.cause))
+            return ledger.add(source.source_id, END, end).summary
+        end = SourceEnd([], [], {"duration_s": analysed.probe.duration_s})
+        stage = "video_pass"
+        try:
+            for item in self.video(VideoPassInput.from_analysis(analysed)):
                 if isinstance(item, ClipCandidate):
-                    work = ClipInFlight(item)
-                    if self.gate is not None:
-                        stage = "sync_gate"
-                        apply_sync_gate(work, self.gate)
-                        if work.rejected is not None:
-                            rows.append(gate_rejected_row(work))
-                            stage = "video_pass"
-                            continue
-                    item = work.clip     # the gate may have re-cut its audio (and trimmed it)
-                    stage = "head_pose"
-                    add_head_motion(work, self.pose, self.config.clip.crop_size)
-                    if self.features is not None:
-                        stage = "audio_features"
-                        add_audio_features(work, self.features)
-                    stage = "write"
-                    sample = assemble_sample(work, self.assemble, self.config)
-                    writer.write(sample)
-                    rows.append(clip_row(item, sample))
-                    if on_clip:
-                        on_clip(item.num_frames / item.fps)
+                    end.keys.append(item.key)
+                    kind, payload = CLIP, ClipInFlight(item)
+                    for stage, fn in steps:
+                        kind, payload = fn(payload)
+                        if kind != CLIP:
+                            break
                     stage = "video_pass"
+                    ledger.add(source.source_id, kind, payload)
+                    if kind == WRITTEN and on_clip:
+                        on_clip(payload.row["duration_s"])
                 elif isinstance(item, RejectedSpan):
-                    rows.append(rejected_row(source, item))
+                    end.rows.append(rejected_row(source, item))
                 elif isinstance(item, VideoPassSummary):
-                    summary.update(item.totals())
-            summary.update(staged_totals(rows))   # what was kept after the per-clip gates
-            writer.seal(order_rows(rows), summary, "ok")
+                    end.summary.update(item.totals())
         except Exception as exc:  # noqa: BLE001 - a bad file or a bug on one source must not stop the corpus
-            writer.abort()
             if not isinstance(exc, StageError):
                 log.warning("%s failed in %s: %s", source.path, stage, exc)
-            writer.seal([failed_row(source, stage, exc)], summary, "failed")
-        return summary
+            if stage == "video_pass":
+                end.failure = failed_row(source, stage, exc)
+            else:   # a per-clip step failed: the source fails, as in the Ray build
+                key = end.keys[-1]
+                ledger.add(source.source_id, FAILED, ClipResult(key, failed_row(source, stage, exc)))
+                end.keys = [k for k in end.keys if k in ledger.pending[source.source_id].back()]
+        return ledger.add(source.source_id, END, end).summary
 
 
 @dataclass

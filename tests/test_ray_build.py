@@ -187,10 +187,15 @@ def test_crashing_worker_becomes_a_row_and_failure_fraction_exits_nonzero(tmp_pa
     assert read_staged(out, poisoned)["rows"][0]["status"] == "failed"
     _shard_keys(out)
 
-    # Re-running is a resume (everything is sealed, Ray is not even started); a looser limit passes.
+    # Re-running resumes: the garbage file stays failed (its own fault), the source lost to a
+    # crash is tried again (a crash says nothing about the file) and now yields its clips.
     monkeypatch.delenv("EMO_FAULT_CRASH_SOURCE")
     assert main(args + ["--max-failure-fraction", "0.7"]) == 0
-    assert "resumed   3 sources were already done, 0 processed now" in capsys.readouterr().out
+    out_text = capsys.readouterr().out
+    assert "resumed   2 sources were already done, 1 processed now" in out_text and "worker_crash" in out_text
+    m = _manifest(out)
+    assert (m[m.source_id == poisoned].status == "clip").any()
+    assert m.set_index("source_id").loc["garbage", "reason"] == "unreadable"
 
 
 def test_bad_inputs_become_rows_on_ray_and_nothing_sealed_is_lost(tmp_path):

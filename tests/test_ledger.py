@@ -1,5 +1,6 @@
-"""The Ray build's driver-side ledger: a source is sealed (rows, then done marker) only when its
-end row and every clip it lists are back, in whatever order the operators deliver them."""
+"""The source ledger both executors seal through (emo_data/ledger.py): a source is sealed (rows,
+then done marker) only when its end and every clip it lists are back, in whatever order the Ray
+operators deliver them; plus the Ray build's plan and watchdog."""
 from __future__ import annotations
 
 import os
@@ -7,7 +8,7 @@ import os
 from emo_data.schema import StreamingTarWriter
 from emo_data.staging import is_done, part_path, parts_dir, read_staged
 from emo_data.types import Source
-from pipelines.ray_build import END, FAILED, WRITTEN, _Ledger
+from emo_data.ledger import END, FAILED, GATED, WRITTEN, ClipResult, SourceEnd, SourceLedger as _Ledger
 from shard_fixtures import make_sample
 
 
@@ -38,16 +39,15 @@ def test_source_is_sealed_only_when_every_clip_is_back_in_any_order(tmp_path):
     rejected = {"status": "rejected", "source_id": "talk_a", "path": src.path, "start_s": 0.0, "end_s": 0.5,
                 "duration_s": 0.5, "reason": "no_face"}
     # the second clip's write comes back before the source's end row, the first one after it
-    assert ledger.add("talk_a", WRITTEN, {"key": k1, "row": _clip_row("talk_a", 1, 3.0)}) is None
-    assert ledger.add("talk_a", END, {"keys": [k0, k1], "rows": [rejected], "summary": {"duration_s": 6.0, "clips": 2},
-                                      "failure": None}) is None
+    assert ledger.add("talk_a", WRITTEN, ClipResult(k1, _clip_row("talk_a", 1, 3.0))) is None
+    assert ledger.add("talk_a", END, SourceEnd([k0, k1], [rejected], {"duration_s": 6.0, "clips": 2}, None)) is None
     assert not is_done(out, "talk_a")
-    status, summary = ledger.add("talk_a", WRITTEN, {"key": k0, "row": _clip_row("talk_a", 0, 1.0)})
-    assert status == "ok" and summary["clips"] == 2 and is_done(out, "talk_a")
+    outcome = ledger.add("talk_a", WRITTEN, ClipResult(k0, _clip_row("talk_a", 0, 1.0)))
+    assert outcome.status == "ok" and outcome.summary["clips"] == 2 and is_done(out, "talk_a")
     rows = read_staged(out, "talk_a")["rows"]
     assert [(r["status"], r.get("key")) for r in rows] == [("rejected", None), ("clip", k0), ("clip", k1)]
     # a retried block repeating the source changes nothing
-    assert ledger.add("talk_a", WRITTEN, {"key": k0, "row": _clip_row("talk_a", 0, 1.0)}) is None
+    assert ledger.add("talk_a", WRITTEN, ClipResult(k0, _clip_row("talk_a", 0, 1.0))) is None
 
 
 def test_a_failed_clip_fails_its_source_and_drops_its_parts(tmp_path):
@@ -56,10 +56,9 @@ def test_a_failed_clip_fails_its_source_and_drops_its_parts(tmp_path):
     k0, k1 = _write_part(out, "talk_b", 0), _write_part(out, "talk_b", 1)
     failed = {"status": "failed", "source_id": "talk_b", "path": "/videos/talk_b.mp4", "reason": "exception",
               "stage": "audio_features", "detail": "RuntimeError: boom"}
-    ledger.add("talk_b", WRITTEN, {"key": k0, "row": _clip_row("talk_b", 0, 0.0)})
-    ledger.add("talk_b", END, {"keys": [k0, k1], "rows": [], "summary": {"duration_s": 4.0}, "failure": None})
-    status, _ = ledger.add("talk_b", FAILED, {"key": k1, "row": failed})
-    assert status == "failed"
+    ledger.add("talk_b", WRITTEN, ClipResult(k0, _clip_row("talk_b", 0, 0.0)))
+    ledger.add("talk_b", END, SourceEnd([k0, k1], [], {"duration_s": 4.0}, None))
+    assert ledger.add("talk_b", FAILED, ClipResult(k1, failed)).status == "failed"
     rows = read_staged(out, "talk_b")["rows"]
     assert len(rows) == 1 and rows[0]["stage"] == "audio_features" and rows[0]["reason"] == "exception"
     assert not os.path.exists(parts_dir(out, "talk_b"))
@@ -69,11 +68,11 @@ def test_source_level_failure_seals_at_once_and_restart_forgets(tmp_path):
     out = str(tmp_path)
     ledger = _Ledger([_source("bad"), _source("later")], out)
     failure = {"status": "failed", "source_id": "bad", "path": "/videos/bad.mp4", "reason": "unreadable", "stage": "probe"}
-    assert ledger.add("bad", END, {"keys": [], "rows": [], "summary": {"duration_s": 0.0}, "failure": failure})[0] == "failed"
+    assert ledger.add("bad", END, SourceEnd([], [], {"duration_s": 0.0}, failure)).status == "failed"
     k0 = _write_part(out, "later", 0)
-    ledger.add("later", END, {"keys": [k0], "rows": [], "summary": {"duration_s": 2.0}, "failure": None})
+    ledger.add("later", END, SourceEnd([k0], [], {"duration_s": 2.0}, None))
     ledger.restart(["later"])  # a new round redoes the source: what came back before is forgotten
-    assert ledger.add("later", WRITTEN, {"key": k0, "row": _clip_row("later", 0, 0.0)}) is None
+    assert ledger.add("later", WRITTEN, ClipResult(k0, _clip_row("later", 0, 0.0))) is None
     assert not is_done(out, "later")
 
 
@@ -89,7 +88,8 @@ def test_shipped_executor_configs_load():
     for path in paths:
         with open(path) as fh:
             config = ExecutorConfig.from_dict(json.load(fh))
-        assert isinstance(config.audio_features, StageResources) and config.audio_features.concurrency == 8
+        audio = config.resources_for("audio_features", StageResources())
+        assert isinstance(audio, StageResources) and audio.concurrency == 8
 
 
 def test_plan_fits_the_pools_into_the_cluster_or_says_why():
@@ -100,9 +100,20 @@ def test_plan_fits_the_pools_into_the_cluster_or_says_why():
 
     config = BuildConfig()
     plan = _plan(config, ExecutorConfig(), sources=30, cpus=8, gpus=0)
-    assert (plan.video_actors, plan.feature_actors, plan.analyse_actors, plan.feature_gpus) == (8, 4, 2, 0.0)
+    wav2vec = plan.steps["audio_features"]
+    assert (plan.video_actors, wav2vec["workers"], plan.analyse_actors, wav2vec["num_gpus"]) == (8, 4, 2, 0.0)
+    assert list(plan.steps) == ["sync_gate", "head_pose", "audio_features", "write"]
     on_gpus = _plan(config, ExecutorConfig(), sources=30, cpus=8, gpus=2)
-    assert on_gpus.feature_gpus == 1.0 and on_gpus.feature_actors == 2 and on_gpus.analyse_gpus == 0.0
+    wav2vec = on_gpus.steps["audio_features"]
+    assert wav2vec["num_gpus"] == 1.0 and wav2vec["workers"] == 2 and on_gpus.analyse_gpus == 0.0
+    # the weight-free sync gate wants no GPU; SyncNet takes one per actor
+    assert on_gpus.steps["sync_gate"]["num_gpus"] == 0.0
+    syncnet = BuildConfig()
+    syncnet.sync.syncnet_weights = "syncnet_v2.model"
+    shared = _plan(syncnet, ExecutorConfig(), sources=30, cpus=8, gpus=4)   # SyncNet and wav2vec share 4 GPUs
+    assert [(shared.steps[n]["workers"], shared.steps[n]["num_gpus"]) for n in ("sync_gate", "audio_features")] == [(2, 1.0), (2, 1.0)]
+    one = _plan(syncnet, ExecutorConfig(), sources=30, cpus=8, gpus=1)      # ... or half a GPU each
+    assert [(one.steps[n]["workers"], one.steps[n]["num_gpus"]) for n in ("sync_gate", "audio_features")] == [(1, 0.5), (1, 0.5)]
     # wav2vec asking for 2 CPUs per actor on a 4-CPU machine: video actors make room for it
     executor = ExecutorConfig.from_dict({"audio_features": {"num_cpus": 2, "concurrency": 1}})
     assert _plan(config, executor, sources=30, cpus=4, gpus=0).video_actors == 2
@@ -120,7 +131,7 @@ def test_stall_watchdog_ends_an_iteration_that_delivers_nothing():
 
     import pytest
 
-    from pipelines.ray_build import _watched
+    from pipelines.ray_runtime import Watched as _watched
 
     def stalls():
         yield "a"
@@ -145,7 +156,7 @@ def test_stall_watchdog_ends_an_iteration_that_delivers_nothing():
 
 def test_unfinished_source_becomes_a_failed_row_with_its_fingerprint(tmp_path):
     from emo_data.staging import read_marker
-    from pipelines.ray_build import _seal_unfinished
+    from emo_data.ledger import seal_unfinished as _seal_unfinished
 
     out = str(tmp_path)
     _write_part(out, "slow", 0)  # half staged when the watchdog fired
@@ -158,8 +169,6 @@ def test_unfinished_source_becomes_a_failed_row_with_its_fingerprint(tmp_path):
 
 
 def test_a_clip_the_gate_rejected_resolves_its_key_and_keeps_its_row(tmp_path):
-    from pipelines.ray_build import GATED
-
     out = str(tmp_path)
     src = _source("talk_g")
     ledger = _Ledger([src], out)
@@ -167,11 +176,11 @@ def test_a_clip_the_gate_rejected_resolves_its_key_and_keeps_its_row(tmp_path):
     k1 = "talk_g_00001"                      # rejected by the sync gate: no part is written
     gated = {"status": "rejected", "source_id": "talk_g", "path": src.path, "key": k1, "start_s": 3.0, "end_s": 6.0,
              "duration_s": 3.0, "reason": "static_face", "stage": "sync_gate", "sync_decision": "reject"}
-    ledger.add("talk_g", END, {"keys": [k0, k1], "rows": [], "summary": {"duration_s": 6.0, "clips": 2, "kept_s": 4.6},
-                               "failure": None})
-    assert ledger.add("talk_g", GATED, {"key": k1, "row": gated}) is None
-    status, summary = ledger.add("talk_g", WRITTEN, {"key": k0, "row": _clip_row("talk_g", 0, 1.0)})
-    assert status == "ok" and is_done(out, "talk_g")
+    ledger.add("talk_g", END, SourceEnd([k0, k1], [], {"duration_s": 6.0, "clips": 2, "kept_s": 4.6}, None))
+    assert ledger.add("talk_g", GATED, ClipResult(k1, gated)) is None
+    outcome = ledger.add("talk_g", WRITTEN, ClipResult(k0, _clip_row("talk_g", 0, 1.0)))
+    assert outcome.status == "ok" and is_done(out, "talk_g")
+    summary = outcome.summary
     # the summary counts what was kept after the gate, not what the video pass cut
     assert summary["clips"] == 1 and abs(summary["kept_s"] - 1.6) < 1e-9
     rows = read_staged(out, "talk_g")["rows"]
