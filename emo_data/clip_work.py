@@ -77,7 +77,7 @@ def assemble_sample(item: ClipInFlight, stage: SampleAssemblyStage, config: Buil
     clip = item.clip
     return stage(SampleInput(
         clip=clip, head_pose=item.motion.pose, head_speed=item.motion.speed, speed_buckets=item.motion.buckets,
-        audio_emb=item.audio_emb, audio_emb_info=item.audio_emb_info, face_backend=clip.face_backend,
+        head_pose_raw=item.motion.raw_pose, audio_emb=item.audio_emb, audio_emb_info=item.audio_emb_info, face_backend=clip.face_backend,
         landmark_format=clip.landmark_format, speech_backend=config.speech.backend,
     ))
 

@@ -95,16 +95,20 @@ class FaceConfig(ConfigBase):
     min_face_px: int = 96           # ... and so is a face box under this many source pixels
     max_track_lost: int = 2         # detections a track may miss before it is dropped
     embed_frames: int = 2           # frames per clip averaged into the identity embedding (~0.1 s each)
-    # Head pose (docs/pose.md). Each track's rigid landmarks follow optical flow, pulled towards
-    # the detected ones by this fraction per frame (1.0 = detected landmarks as they are).
+    # Head pose (docs/pose.md). Each track's rigid landmarks follow optical flow and move this
+    # fraction of the way to the detected ones per frame: for their joint shift, in-plane turn and
+    # scale (blend), and for the change of their shape, which carries yaw and pitch (shape
+    # blend). 1.0 and 1.0 = the detected landmarks as they are.
     landmark_flow_blend: float = 0.02
+    landmark_shape_blend: float = 0.05
     # A face tilted (rolled) by more than this many degrees gets its landmarks, and a missed
     # detection a second try, on a crop turned upright by the tracked roll.
     derotate_above_deg: float = 15.0
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.landmark_flow_blend <= 1.0:
-            raise ValueError(f"face.landmark_flow_blend must be in (0, 1], got {self.landmark_flow_blend}")
+        if not (0.0 < self.landmark_flow_blend <= 1.0 and 0.0 < self.landmark_shape_blend <= 1.0):
+            raise ValueError("face.landmark_flow_blend and face.landmark_shape_blend must be in (0, 1], got "
+                             f"{self.landmark_flow_blend}, {self.landmark_shape_blend}")
         if self.derotate_above_deg < 0:
             raise ValueError(f"face.derotate_above_deg must be >= 0, got {self.derotate_above_deg}")
 

@@ -31,6 +31,7 @@ class SampleInput:
     head_speed: np.ndarray       # [T]
     speed_buckets: np.ndarray    # [T, d]
     audio_emb: Optional[np.ndarray] = None  # [T, L, D] float16
+    head_pose_raw: Optional[np.ndarray] = None  # [T, 6] per-frame pose before smoothing
     audio_emb_info: Optional[dict[str, Any]] = None  # encoder, layers, num_layers, dim
     face_backend: str = ""
     landmark_format: str = ""
@@ -97,6 +98,7 @@ class SampleAssemblyStage(Stage[SampleInput, ClipSample]):
             face_boxes=clip.face_boxes.astype(np.float32),
             landmarks=clip.landmarks.astype(np.float32),
             head_pose=np.asarray(item.head_pose, np.float32),
+            head_pose_raw=None if item.head_pose_raw is None else np.asarray(item.head_pose_raw, np.float32),
             head_speed=np.asarray(item.head_speed, np.float32),
             speed_buckets=np.asarray(item.speed_buckets, np.float32),
             identity_emb=identity.astype(np.float32),

@@ -12,7 +12,9 @@ member             dtype / shape          meaning
 ``face_boxes.npy`` float32 [T, 4]         per-frame face box x0, y0, x1, y1 (crop pixels)
 ``landmarks.npy``  float32 [T, K, 2]      per-frame landmarks (crop pixels), K in json
 ``head_pose.npy``  float32 [T, 6]         yaw, pitch, roll (degrees), tx, ty, tz
-``head_speed.npy`` float32 [T]            head rotation speed w_f, degrees per frame
+``head_speed.npy`` float32 [T]            head rotation speed w_f, degrees per frame (of the smoothed pose)
+``head_pose_raw.npy`` float32 [T, 6]      per-frame pose before smoothing (optional: builds since the
+                                         flow-stabilised pose, docs/pose.md), to re-derive speed
 ``speed_buckets.npy`` float32 [T, d]      s_i = tanh((w_f - c_i) / r_i * 3)
 ``identity_emb.npy`` float32 [E]          face embedding of the clip (identity splits)
 ``audio_emb.npy``  float16 [T, L, D]      wav2vec hidden states per frame (optional)
@@ -52,7 +54,7 @@ REQUIRED_MEMBERS = (
     "identity_emb.npy",
     "json",
 )
-OPTIONAL_MEMBERS = ("audio_emb.npy", "latents.npy")
+OPTIONAL_MEMBERS = ("audio_emb.npy", "latents.npy", "head_pose_raw.npy")
 ALL_MEMBERS = REQUIRED_MEMBERS + OPTIONAL_MEMBERS
 # Extensions that imply pickle or arbitrary code: refused on read, reported by validate.
 UNSAFE_EXTENSIONS = (".pyd", ".pickle", ".pkl", ".pth", ".pt", ".ckpt", ".cls", ".joblib")
@@ -191,6 +193,8 @@ def encode_sample(sample) -> dict[str, bytes]:
     }
     if sample.audio_emb is not None:
         members["audio_emb.npy"] = npy_bytes(sample.audio_emb.astype(np.float16))
+    if getattr(sample, "head_pose_raw", None) is not None:
+        members["head_pose_raw.npy"] = npy_bytes(sample.head_pose_raw.astype(np.float32))
     return members
 
 
@@ -535,6 +539,7 @@ def validate_sample(raw: dict[str, Any], expected_digests: Optional[dict[str, di
     check("face_boxes.npy", arr("face_boxes.npy"), np.float32, (T, 4))
     check("landmarks.npy", arr("landmarks.npy"), np.float32, (T, K, 2))
     check("head_pose.npy", arr("head_pose.npy"), np.float32, (T, 6))
+    check("head_pose_raw.npy", arr("head_pose_raw.npy"), np.float32, (T, 6))
     speed = arr("head_speed.npy")
     check("head_speed.npy", speed, np.float32, (T,))
     buckets = arr("speed_buckets.npy")

@@ -172,3 +172,4 @@ class ClipSample:
     identity_emb: np.ndarray       # [E] float32
     meta: dict[str, Any]
     audio_emb: Optional[np.ndarray] = None  # [T, L, D] float16
+    head_pose_raw: Optional[np.ndarray] = None  # [T, 6] float32 per-frame pose before smoothing

@@ -207,8 +207,20 @@ def test_tracker_reset_and_no_face(dlib_backend):
     assert tracker.update(k[0], 5, False)[0].track_id != first  # ids never reused
 
 
+def coordinate_image(height: int, width: int) -> np.ndarray:
+    """An image whose pixels spell their own (x, y): a stub backend reads where the crop it was
+    handed starts from its first pixel (the tracker passes crops, not frames, to landmarks)."""
+    y, x = np.mgrid[0:height, 0:width]
+    return np.stack([x & 255, y & 255, (x >> 8) | ((y >> 8) << 4)], axis=-1).astype(np.uint8)
+
+
+def crop_origin(img: np.ndarray) -> np.ndarray:
+    r, g, b = (int(v) for v in img[0, 0])
+    return np.array([r + ((b & 15) << 8), g + ((b >> 4) << 8)], np.float32)
+
+
 class ScriptedBackend(FaceBackend):
-    """Returns scripted boxes per detect() call; landmarks = box corners + centre."""
+    """Returns scripted boxes per detect() call; two landmarks that move 10 px per call."""
 
     name = "scripted"
 
@@ -230,7 +242,8 @@ class ScriptedBackend(FaceBackend):
         # the "true" face moves right by 10 px per landmark call, whatever box it is given
         shift = 10.0 * self.lm_calls
         self.lm_calls += 1
-        out = [np.array([[110 + shift, 120], [190 + shift, 200]], np.float32) for _ in boxes]
+        origin = crop_origin(frame_rgb)  # landmarks are in the pixels of the image given
+        out = [np.array([[110 + shift, 120], [190 + shift, 200]], np.float32) - origin for _ in boxes]
         return out, [None] * len(out)
 
 
@@ -255,7 +268,7 @@ def test_tracker_refits_box_from_landmarks_between_detections():
     box = [100, 100, 200, 200]
     backend = ScriptedBackend([[box]])
     tracker = FaceTracker(backend, FaceConfig(detect_every=5))
-    img = np.zeros((400, 400, 3), np.uint8)
+    img = coordinate_image(400, 400)
     f = tracker.update(img, 0, True)[0]  # detection: relation learned, box = detector box
     np.testing.assert_allclose(f.box, box)
     xs = []
@@ -267,6 +280,103 @@ def test_tracker_refits_box_from_landmarks_between_detections():
     assert backend.calls == 1
     tracker.update(img, 5, True)
     assert backend.calls == 2
+
+
+class PosePointsBackend(FaceBackend):
+    """A backend whose own landmarks are not ibug-68 (like InsightFace's 106) but which gives
+    ibug-68 pose points: the posed rigid face model, turning by 1 deg of yaw per call."""
+
+    name = "pose_points"
+    landmark_format = "insightface106"
+    landmark_count = 3
+
+    def __init__(self):
+        super().__init__(FaceConfig(min_face_fraction=0.0))
+        self.calls = 0
+
+    def setup(self):
+        self._is_setup = True
+
+    def detect(self, frame_rgb):
+        return [Face(box=np.array([200, 150, 440, 390], np.float32), score=2.0)]
+
+    def landmarks_for_pose(self, frame_rgb, boxes):
+        from emo_data.pose import IBUG68_INDICES, project_model
+
+        origin = crop_origin(frame_rgb)
+        pts = np.full((68, 2), 320.0, np.float32)
+        pts[IBUG68_INDICES] = project_model(float(self.calls), 0.0, 0.0, (0.0, 0.0, 3000.0), (640, 480), 1600.0)
+        self.calls += 1
+        lms = np.array([[210, 160], [430, 160], [320, 380]], np.float32)
+        return [lms - origin for _ in boxes], [pts - origin for _ in boxes]
+
+    def landmarks_and_pose(self, frame_rgb, boxes):
+        return self.landmarks_for_pose(frame_rgb, boxes)[0], [None] * len(boxes)
+
+
+def test_tracker_solves_pose_from_any_backends_ibug68_points():
+    """Backends with other landmark layouts share the pose path: the tracker solves each frame's
+    pose from the backend's ibug-68 points and leaves the backend's own landmarks as they are."""
+    backend = PosePointsBackend()
+    # blend 1: the detections as they are (this stub's image does not move with its points)
+    tracker = FaceTracker(backend, FaceConfig(detect_every=5, landmark_flow_blend=1.0))
+    img = coordinate_image(480, 640)
+    poses = []
+    for i in range(6):
+        (face,) = tracker.update(img, i, True)
+        assert face.landmarks.shape == (3, 2) and face.pose.shape == (6,) and face.pose.dtype == np.float32
+        np.testing.assert_allclose(face.landmarks, [[210, 160], [430, 160], [320, 380]], atol=1e-4)
+        poses.append(face.pose)
+    yaw = np.array(poses)[:, 0]
+    # the face stays centred and turns by 1 deg per frame (allocentric = egocentric on the axis)
+    np.testing.assert_allclose(np.diff(yaw), 1.0, atol=0.1)
+    assert tracker.update(img, 6, False)[0].pose is None  # no landmarks asked, no pose
+
+
+def test_stabilizer_follows_motion_with_less_jitter_than_the_detector():
+    """Sub-pixel shifts of a real face image: detections with 1-px noise go in, the stabilised
+    rigid points follow the true motion several times more closely; a jump resets them."""
+    from emo_data.faces.stabilizer import LandmarkStabilizer
+    from emo_data.pose import IBUG68_INDICES
+
+    rng = np.random.default_rng(0)
+    face = image("images/face_recognition__obama.jpg")[100:500, 300:700]
+    base = np.full((68, 2), 200.0, np.float32)
+    base[IBUG68_INDICES] = rng.uniform(140, 260, (len(IBUG68_INDICES), 2))
+    base[36], base[45] = (140, 180), (260, 180)  # eye span 120 px
+    stab = LandmarkStabilizer(blend=0.02)
+    err_in, err_out = [], []
+    for f in range(40):
+        shift = np.array([0.37 * f, 0.21 * f])
+        frame = cv2.warpAffine(face, np.float32([[1, 0, shift[0]], [0, 1, shift[1]]]), (400, 400),
+                               flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+        truth = base + shift.astype(np.float32)
+        measured = truth + rng.normal(0, 1.0, truth.shape).astype(np.float32)
+        out = stab.update(frame, measured)
+        assert out.shape == (68, 2) and out.dtype == np.float32
+        np.testing.assert_array_equal(np.delete(out, IBUG68_INDICES, 0), np.delete(measured, IBUG68_INDICES, 0))
+        err_in.append((measured - truth)[IBUG68_INDICES])
+        err_out.append((out - truth)[IBUG68_INDICES])
+    # frame-to-frame jitter (what speed sees) is a small fraction of the detector's; the error
+    # itself stays bounded (the detections pull it back with a time constant of 1/blend frames)
+    jitter_in = np.abs(np.diff(err_in, axis=0)).mean()
+    jitter_out = np.abs(np.diff(err_out, axis=0)).mean()
+    assert jitter_out < jitter_in / 10
+    assert np.abs(err_out).mean() <= np.abs(err_in).mean()
+    assert stab.resets == 1
+    stab.update(frame, measured + 60.0)  # the detections jump: a different face
+    assert stab.resets == 2
+
+
+def test_upright_transform_roundtrip():
+    from emo_data.faces.tracker import apply_affine, upright_transform
+
+    pts = np.array([[100.0, 50.0], [160.0, 110.0]], np.float32)  # a line tilted by 45 deg
+    m = upright_transform(np.array([130.0, 80.0]), 45.0, 200.0)
+    up = apply_affine(m, pts)
+    assert up[1, 1] - up[0, 1] == pytest.approx(0.0, abs=1e-4)  # level in the crop
+    np.testing.assert_allclose(up.mean(axis=0), [100, 100], atol=1e-4)  # centred in the 200-px crop
+    np.testing.assert_allclose(apply_affine(cv2.invertAffineTransform(m), up), pts, atol=1e-4)
 
 
 # ---------------------------------------------------------------------------------- insightface
@@ -330,6 +440,9 @@ def test_insightface_adapter_logic():
     class Lmk3d:
         def get(self, img, face):
             face["pose"] = np.array([-5.0, 12.0, 3.0], np.float32)  # pitch, yaw, roll
+            x0, y0, x1, y1 = face.bbox
+            face["landmark_3d_68"] = np.stack(
+                [np.linspace(x0, x1, 68), np.linspace(y1, y0, 68), np.zeros(68)], 1).astype(np.float32)
 
     class Rec:
         def get(self, img, face):
@@ -351,6 +464,10 @@ def test_insightface_adapter_logic():
     assert lms[0].shape == (106, 2) and lms[0].dtype == np.float32
     np.testing.assert_allclose(poses[0], [12, -5, 3, 0, 0, 0])  # (yaw, pitch, roll, t)
     assert b.landmarks(img, [faces[0].box])[0].shape == (106, 2)
+    # head pose is solved from the 3-D 68-point model's image points (ibug-68 order)
+    lms, points = b.landmarks_for_pose(img, [faces[0].box])
+    assert lms[0].shape == (106, 2) and points[0].shape == (68, 2) and points[0].dtype == np.float32
+    np.testing.assert_allclose(points[0][[0, -1]], [[320, 480], [960, 160]], atol=1e-3)
     e = b.embed(img, faces[0])
     assert e.shape == (512,) and e.dtype == np.float32
     assert np.linalg.norm(e) == pytest.approx(1.0, abs=1e-5)

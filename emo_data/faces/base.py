@@ -101,6 +101,17 @@ class FaceBackend:
         """Landmarks plus, for backends with ``provides_pose``, a [6] pose per box (else None)."""
         raise NotImplementedError
 
+    def landmarks_for_pose(
+        self, frame_rgb: np.ndarray, boxes: list[np.ndarray]
+    ) -> tuple[list[np.ndarray], list[Optional[np.ndarray]]]:
+        """Landmarks plus, per box, the face's ibug-68 points ([68, 2] full-frame pixels) that head
+        pose is solved from (None when the backend has none). For ibug-68 backends these are the
+        landmarks themselves; InsightFace answers with its 3-D 68-point model's image points."""
+        lms = self.landmarks_and_pose(frame_rgb, boxes)[0]
+        if self.landmark_format != "ibug68":
+            return lms, [None] * len(lms)
+        return lms, [lm if lm is not None and np.shape(lm) == (68, 2) else None for lm in lms]
+
     def embed(self, frame_rgb: np.ndarray, face: Face) -> np.ndarray:
         """[embedding_dim] float32 identity embedding of ``face`` in ``frame_rgb``."""
         raise NotImplementedError
@@ -109,6 +120,10 @@ class FaceBackend:
     def _detect_small(self, small_rgb: np.ndarray) -> tuple[list[np.ndarray], list[float]]:
         """Detect on the downscaled frame; boxes in downscaled pixels."""
         raise NotImplementedError
+
+    # Image around a box (fraction of the box size on each side) that the landmark model reads:
+    # the tracker hands it a crop of this much context, not the whole frame.
+    landmark_context = 0.6
 
     # Smallest face (px) the detector finds in the image it sees; subclasses override (dlib's
     # HOG window is 80 px, SCRFD / S3FD anchors start at 16 px).

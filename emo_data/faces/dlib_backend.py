@@ -53,6 +53,9 @@ class DlibBackend(FaceBackend):
     # top ~10 % above the brows' top, bottom ~7 % above the chin.
     landmark_box_prior = (-0.02, -0.10, 0.02, -0.07)
     detector_min_face_px = 80  # HOG sliding window (upsample=1 halves it, at ~4x the cost)
+    # the shape predictor reads pixels near the box: on the samples, crops with 0.2 of the box
+    # on each side gave the same landmarks as the whole frame (0.1 did not)
+    landmark_context = 0.3
 
     def detection_scale(self, width: int, height: int) -> float:
         # each pyramid upsampling doubles the image dlib searches, halving the visible minimum

@@ -69,6 +69,7 @@ class InsightFaceBackend(FaceBackend):
     # SCRFD box vs 106-point bounding box; learned per track by the tracker anyway.
     landmark_box_prior = (-0.03, -0.15, 0.03, 0.02)
     detector_min_face_px = 20  # SCRFD: smallest anchors are 16 px at stride 8
+    landmark_context = 0.3     # the 2d106 / 3d68 models read 1.5x the box around its centre
 
     def __init__(self, config: FaceConfig, pack: str = DEFAULT_PACK, det_thresh: float = 0.5):
         super().__init__(config)
@@ -132,6 +133,27 @@ class InsightFaceBackend(FaceBackend):
                 pose = insightface_pose_to_row(f.get("pose"))
             poses.append(pose)
         return lms, poses
+
+    def landmarks_for_pose(self, frame_rgb, boxes):
+        """106 landmarks plus the image points of the 3-D 68-point model (ibug-68 order), which
+        head pose is solved from (None without a ``landmark_3d_68`` model)."""
+        self.ensure_setup()
+        from insightface.app.common import Face as IFace
+
+        bgr = cv2.cvtColor(frame_rgb, cv2.COLOR_RGB2BGR)
+        lms, points = [], []
+        for box in boxes:
+            f = IFace(bbox=np.asarray(box, np.float32))
+            self.models["landmark_2d_106"].get(bgr, f)
+            lms.append(np.asarray(f.landmark_2d_106, np.float32)[:, :2])
+            pts = None
+            if "landmark_3d_68" in self.models:
+                self.models["landmark_3d_68"].get(bgr, f)
+                lm3d = f.get("landmark_3d_68")
+                if lm3d is not None and np.shape(lm3d)[0] == 68:
+                    pts = np.asarray(lm3d, np.float32)[:, :2].copy()
+            points.append(pts)
+        return lms, points
 
     def _keypoints(self, bgr: np.ndarray, box: np.ndarray) -> np.ndarray:
         """5 key points of the face in ``box``: re-detect in a padded crop, else a template."""
