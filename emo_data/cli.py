@@ -60,10 +60,7 @@ def _load_config(args) -> BuildConfig:
         config.vocals = dataclasses.replace(config.vocals, **vocal_changes)
     if getattr(args, "shard_by", None):
         config.shards.group_by = [v.strip() for v in args.shard_by.split(",") if v.strip()]
-        from .finalize import shard_prefix
-
-        shard_prefix("train", {}, config.shards.group_by)  # unknown fields fail now, not after the build
-    return config
+    return config.validate()   # fields set one by one above: check the result as a whole
 
 
 def _add_build_args(p: argparse.ArgumentParser) -> None:
@@ -141,6 +138,7 @@ def cmd_build(args) -> int:
     if args.stall_timeout is not None:
         executor.stall_timeout_s = args.stall_timeout
     try:
+        executor.validate()
         if args.executor == "local" and args.address:
             raise ValueError("--address needs --executor ray")
         if args.executor == "ray":

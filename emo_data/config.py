@@ -51,6 +51,18 @@ class ConfigBase:
     def from_dict(cls, data: dict[str, Any]):
         return _from_dict(cls, data)
 
+    def validate(self):
+        """Check this config and every nested one again (after fields were set one by one, as a
+        command line does); returns it. Construction already checks."""
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            if isinstance(value, ConfigBase):
+                value.validate()
+        check = getattr(self, "__post_init__", None)
+        if check is not None:
+            check()
+        return self
+
 
 @dataclass
 class DecodeConfig(ConfigBase):
@@ -59,6 +71,14 @@ class DecodeConfig(ConfigBase):
     # PyAV only: it gives per-frame timestamps (VFR-safe) and decoded the samples ~4x faster than
     # decord here (bench/build_throughput.py).
     threads: int = 0                # decoder threads; 0 = library default
+
+    def __post_init__(self) -> None:
+        if not 1.0 <= float(self.fps) <= 120.0:
+            raise ValueError(f"decode.fps must be in [1, 120], got {self.fps}")
+        if self.audio_sample_rate not in (8000, 16000, 22050, 24000, 44100, 48000):
+            raise ValueError(f"decode.audio_sample_rate {self.audio_sample_rate} is not a standard rate (wav2vec wants 16000)")
+        if self.threads < 0:
+            raise ValueError("decode.threads must be >= 0")
 
 
 @dataclass
@@ -74,6 +94,14 @@ class SpeechConfig(ConfigBase):
     # hands it to its workers as PYANNOTE_TOKEN.
     pyannote_token: Optional[str] = field(default=None, repr=False, metadata={"secret": True})
 
+    def __post_init__(self) -> None:
+        if self.backend not in ("silero", "pyannote", "none"):
+            raise ValueError(f"speech.backend must be silero, pyannote or none, got {self.backend!r}")
+        if not 0.0 < self.threshold < 1.0:
+            raise ValueError(f"speech.threshold must be in (0, 1), got {self.threshold}")
+        if min(self.min_speech_s, self.min_silence_s, self.pad_s) < 0:
+            raise ValueError("speech.min_speech_s, min_silence_s and pad_s must be >= 0")
+
 
 @dataclass
 class SceneConfig(ConfigBase):
@@ -82,6 +110,12 @@ class SceneConfig(ConfigBase):
     adaptive_window: int = 12
     min_scene_frames: int = 5       # no two cuts closer than this
     analysis_size: int = 64         # frames are compared at this size
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.threshold <= 1.0 or self.adaptive_ratio < 1.0:
+            raise ValueError("scene: threshold in (0, 1] and adaptive_ratio >= 1 are required")
+        if self.adaptive_window < 1 or self.min_scene_frames < 1 or self.analysis_size < 8:
+            raise ValueError("scene: adaptive_window >= 1, min_scene_frames >= 1 and analysis_size >= 8 are required")
 
 
 @dataclass
@@ -167,12 +201,26 @@ class AudioFeatureConfig(ConfigBase):
     dtype: str = "float16"
     device: str = "cpu"
 
+    def __post_init__(self) -> None:
+        if self.dtype not in ("float16", "float32"):
+            raise ValueError(f"audio_features.dtype must be float16 or float32, got {self.dtype!r}")
+        if self.layers is not None and (not self.layers or any(int(i) != i or i < 0 for i in self.layers)):
+            raise ValueError(f"audio_features.layers must be None or non-negative hidden-state indices, got {self.layers}")
+        if not self.encoder:
+            raise ValueError("audio_features.encoder must name a local directory or a hub id")
+
 
 @dataclass
 class IdentityConfig(ConfigBase):
     distance_threshold: float = 0.5  # dlib embeddings: same person below ~0.6
     test_fraction: float = 0.1
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.test_fraction < 1.0:
+            raise ValueError(f"identity.test_fraction must be in [0, 1), got {self.test_fraction}")
+        if self.distance_threshold <= 0:
+            raise ValueError("identity.distance_threshold must be > 0")
 
 
 @dataclass
@@ -182,6 +230,13 @@ class ShardConfig(ConfigBase):
     # Separate shards per value of these sample fields ("kind", "language"), named
     # <split>-<kind>-<language>-NNNNNN.tar, so a training job can pick or weight them by name.
     group_by: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.max_samples < 1 or self.max_bytes < 1 << 20:
+            raise ValueError("shards: max_samples >= 1 and max_bytes >= 1 MiB are required")
+        unknown = [g for g in self.group_by if g not in ("kind", "language")]
+        if unknown:
+            raise ValueError(f"shards.group_by: cannot group shards by {unknown}: choose from kind, language")
 
 
 VOCALS_MODES = ("auto", "always", "never")
@@ -366,6 +421,12 @@ class StageResources(ConfigBase):
     concurrency: Optional[int] = None     # actors (model stages) or tasks in flight; None = a default per stage
     batch_size: int = 1                   # items per call (clips for per-clip stages)
 
+    def __post_init__(self) -> None:
+        if self.num_cpus < 0 or (self.num_gpus is not None and self.num_gpus < 0):
+            raise ValueError("stage resources: num_cpus and num_gpus must be >= 0")
+        if (self.concurrency is not None and self.concurrency < 1) or self.batch_size < 1:
+            raise ValueError("stage resources: concurrency (when set) and batch_size must be >= 1")
+
 
 @dataclass
 class ExecutorConfig(ConfigBase):
@@ -402,6 +463,14 @@ class ExecutorConfig(ConfigBase):
     stall_timeout_s: float = 900.0
     crash_on_source: Optional[str] = None  # FAULT INJECTION (tests only): the video worker calls os._exit(1) on this source_id
 
+    def __post_init__(self) -> None:
+        if self.workers is not None and self.workers < 1:
+            raise ValueError("executor.workers must be >= 1")
+        if not 0.0 <= self.max_failure_fraction <= 1.0:
+            raise ValueError(f"executor.max_failure_fraction must be in [0, 1], got {self.max_failure_fraction}")
+        if self.stall_timeout_s <= 0 or self.source_retries < 0:
+            raise ValueError("executor.stall_timeout_s must be > 0 and source_retries >= 0")
+
     def resources_for(self, step: str, default: StageResources) -> StageResources:
         """The resources of per-clip step ``step``: configured, else the step's own default."""
         return self.clip_steps.get(step, default)
@@ -419,8 +488,6 @@ class ExecutorConfig(ConfigBase):
         config.clip_steps = {name: value if isinstance(value, StageResources) else StageResources.from_dict(value)
                              for name, value in steps.items()}
         return config
-
-
 
 
 _NESTED = {

@@ -127,30 +127,6 @@ def seal_source(out_dir: str, source_id: str, rows: list[dict[str, Any]], summar
     _write_json_atomic(base + ".done", marker)
 
 
-class SourceStagingWriter:
-    """The in-process executor's view of one source: write samples, then seal (or abort)."""
-
-    def __init__(self, out_dir: str, source: Source, config_dict: Optional[dict] = None,
-                 fingerprint: Optional[dict[str, Any]] = None):
-        self.out_dir = out_dir
-        self.source = source
-        self.config_dict = config_dict or {}
-        self.fingerprint = fingerprint
-        clear_source(out_dir, source.source_id)  # leftovers of an interrupted attempt
-        self.samples = 0
-
-    def write(self, sample: ClipSample) -> None:
-        write_staged_sample(self.out_dir, self.source.source_id, sample, self.config_dict)
-        self.samples += 1
-
-    def abort(self) -> None:
-        shutil.rmtree(parts_dir(self.out_dir, self.source.source_id), ignore_errors=True)
-        self.samples = 0
-
-    def seal(self, rows: list[dict[str, Any]], summary: dict[str, Any], status: str) -> None:
-        seal_source(self.out_dir, self.source.source_id, rows, summary, status, self.fingerprint)
-
-
 def read_staged(out_dir: str, source_id: str) -> dict[str, Any]:
     with open(os.path.join(staging_dir(out_dir), f"{source_id}.rows.json")) as fh:
         return json.load(fh)
