@@ -26,7 +26,7 @@ def _group(cmdline: list[str]) -> str:
     name = " ".join(cmdline[:1])
     if "MapBatches(" in name:
         return "MapBatches(" + name.split("MapBatches(", 1)[1].split(")", 1)[0] + ")"
-    if "emo_data.cli" in cmdline:
+    if "pipelines.cli" in cmdline:
         return "driver (emo-data build)"
     return os.path.basename(name.split()[0]) if name else "?"
 
@@ -50,7 +50,7 @@ def main() -> None:
         from build_scaling import make_manifest
 
         args[0] = make_manifest(args[0], copies, os.path.join(tempfile.mkdtemp(prefix="emo_cpu_"), "sources.csv"))
-    cmd = [sys.executable, "-m", "emo_data.cli", "build", "-q"] + args
+    cmd = [sys.executable, "-m", "pipelines.cli", "build", "-q"] + args
     env = dict(os.environ, RAY_AUTH_MODE="disabled", HF_HUB_OFFLINE="1")
     start = time.time()
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

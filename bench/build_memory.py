@@ -161,7 +161,7 @@ def run_build(video: str, out: str, executor: str, audio_encoder: str | None) ->
     with open(manifest, "w") as fh:
         fh.write(f"path,kind,language\n{video},talk,en\n")
     shutil.rmtree(out, ignore_errors=True)
-    cmd = [sys.executable, "-m", "emo_data.cli", "build", manifest, "--out", out, "-q", "--executor", executor]
+    cmd = [sys.executable, "-m", "pipelines.cli", "build", manifest, "--out", out, "-q", "--executor", executor]
     if executor == "ray":
         cmd += ["--workers", "1"]
     cmd += ["--audio-encoder", audio_encoder] if audio_encoder else ["--no-audio-features"]

@@ -46,7 +46,7 @@ def make_manifest(src: str, copies: int, dst: str) -> str:
 
 def run(manifest: str, out: str, variant: str, audio_encoder: str | None) -> tuple[float, float, float]:
     shutil.rmtree(out, ignore_errors=True)
-    cmd = [sys.executable, "-m", "emo_data.cli", "build", manifest, "--out", out, "-q"]
+    cmd = [sys.executable, "-m", "pipelines.cli", "build", manifest, "--out", out, "-q"]
     cores = None
     if variant == "local":
         cmd += ["--executor", "local"]

@@ -42,7 +42,7 @@ def built_corpus(tmp_path_factory, samples_dir, tiny_wav2vec):
 
     In-process executor: the Ray executor runs the same stages and is compared with it on the
     samples in test_ray_build.py."""
-    from emo_data.cli import main
+    from pipelines.cli import main
 
     out = tmp_path_factory.mktemp("corpus")
     code = main(["build", str(REPO / "manifests" / "samples.csv"), "--out", str(out), "--audio-encoder", tiny_wav2vec, "--executor", "local", "-q"])

@@ -157,7 +157,7 @@ def test_splits_are_identity_disjoint(manifest):
 
 
 def test_rerun_resumes_without_redoing_work(built_corpus, tiny_wav2vec, capsys):
-    from emo_data.cli import main
+    from pipelines.cli import main
 
     before = sorted(_samples(built_corpus))
     files = {p.name: (p.stat().st_mtime_ns, p.stat().st_ino) for p in built_corpus.iterdir() if p.is_file()}
@@ -171,7 +171,7 @@ def test_rerun_resumes_without_redoing_work(built_corpus, tiny_wav2vec, capsys):
 
 
 def test_bad_inputs_become_manifest_rows(tmp_path, tiny_wav2vec):
-    from emo_data.cli import main
+    from pipelines.cli import main
 
     good = sample("video/v-express__RD_Radio10_0_clip_0.mp4")
     folder = tmp_path / "in"
@@ -202,7 +202,7 @@ def test_bad_inputs_become_manifest_rows(tmp_path, tiny_wav2vec):
 
 
 def test_unloadable_audio_encoder_stops_before_work(tmp_path, capsys):
-    from emo_data.cli import main
+    from pipelines.cli import main
 
     code = main(["build", str(REPO / "manifests" / "samples.csv"), "--out", str(tmp_path / "o"), "--audio-encoder", str(tmp_path / "nowhere"), "-q"])
     assert code == 2

@@ -14,7 +14,7 @@ from emo_data.schema import decode_sample, iter_raw_samples, validate_shard
 
 @pytest.fixture(scope="module")
 def featureless_corpus(tmp_path_factory):
-    from emo_data.cli import main
+    from pipelines.cli import main
 
     folder = tmp_path_factory.mktemp("src")
     manifest = folder / "sources.csv"
@@ -29,7 +29,7 @@ def featureless_corpus(tmp_path_factory):
 
 
 def test_build_without_features_then_add_them(featureless_corpus, tiny_wav2vec):
-    from emo_data.cli import main
+    from pipelines.cli import main
 
     shard = str(featureless_corpus / "train-000000.tar")
     raw = next(iter_raw_samples(shard))
@@ -44,7 +44,7 @@ def test_build_without_features_then_add_them(featureless_corpus, tiny_wav2vec):
 
 
 def test_fit_buckets_rewrites_buckets_from_raw_speeds(featureless_corpus, tmp_path, capsys):
-    from emo_data.cli import main
+    from pipelines.cli import main
 
     config_path = tmp_path / "speed.json"
     assert main(["fit-buckets", str(featureless_corpus), "-d", "5", "--write-config", str(config_path), "--apply"]) == 0

@@ -28,7 +28,7 @@ SUBSET = [
     ("video/v-express__RD_Radio10_0_clip_0.mp4", "talk"),
     ("video/imageio__realshort.mp4", "film"),
 ]
-CLI = [sys.executable, "-m", "emo_data.cli"]
+CLI = [sys.executable, "-m", "pipelines.cli"]
 
 
 def _write_manifest(path, rels, extra_rows=()):
@@ -162,7 +162,7 @@ def test_kill_minus_9_then_resume_gives_the_clean_keys(tmp_path, subset_manifest
 
 
 def test_crashing_worker_becomes_a_row_and_failure_fraction_exits_nonzero(tmp_path, monkeypatch, capsys):
-    from emo_data.cli import main
+    from pipelines.cli import main
     from emo_data.staging import read_staged
 
     garbage = tmp_path / "garbage.mp4"

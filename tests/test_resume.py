@@ -25,7 +25,7 @@ OUTPUTS = (".tar", ".index.json", ".stats.json", ".parquet")
 
 
 def _build(root, *extra, manifest="sources.csv", out=None):
-    from emo_data.cli import main
+    from pipelines.cli import main
 
     return main(["build", str(root / manifest), "--out", str(out or root / "out"), "--no-audio-features", "--executor",
                  "local", "-q", "--config", str(root / "config.json"), "--test-fraction", "0.3", *extra])
@@ -181,7 +181,7 @@ def test_added_sources_keep_every_existing_key_identity_and_split(copy, capsys):
 
 
 def test_changed_config_or_file_redoes_exactly_what_it_affects(copy, capsys):
-    from emo_data.cli import main
+    from pipelines.cli import main
 
     # Finalize-only settings: no source is redone, the shards are regrouped.
     capsys.readouterr()

@@ -220,7 +220,7 @@ def test_decode_frames_seeks_to_keyframes(tmp_path):
 def test_add_latents_writes_valid_members_that_training_reads(corpus, tmp_path):
     from diffusers import AutoencoderKL
 
-    from emo_data.cli import main
+    from pipelines.cli import main
     from emo_data.latents import resize_frames
 
     shards = copy_shards(corpus["train"][:1], str(tmp_path / "shards"))

@@ -40,7 +40,7 @@ def _run(corpus, stage, model, out, **kw):
 def test_three_stages_chain_through_checkpoints(corpus, tmp_path):
     from safetensors.torch import save_file
 
-    from emo_data.cli import main as data_main
+    from pipelines.cli import main as data_main
     from emo_model.pipeline import EMOPipeline
 
     # stage 1 from the tiny pipeline, with TensorBoard

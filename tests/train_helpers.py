@@ -64,7 +64,7 @@ def write_corpus(root: str, *, train_shards: int = 2, per_shard: int = 3, test_s
             write_tar(path, samples)
             out[split].append(path)
     if wav2vec:
-        from emo_data.cli import main
+        from pipelines.cli import main
 
         assert main(["add-features", *out["train"], *out["test"], "--audio-encoder", wav2vec, "-q"]) == 0
     return out

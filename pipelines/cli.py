@@ -1,4 +1,6 @@
-"""``emo-data``: build EMO training shards from footage, add audio features, fit speed buckets."""
+"""``emo-data``: build EMO training shards from footage, add audio features and latents, fit speed buckets.
+
+It lives beside the executors it starts, so ``emo_data`` never imports ``pipelines``."""
 from __future__ import annotations
 
 import argparse
@@ -9,7 +11,7 @@ import sys
 import warnings
 from typing import Optional
 
-from .config import BuildConfig
+from emo_data.config import BuildConfig
 
 
 def _load_config(args) -> BuildConfig:
@@ -122,7 +124,7 @@ def cmd_build(args) -> int:
     from pipelines.failures import failure_table, too_many_failures
     from pipelines.local import build_corpus
 
-    from .config import ExecutorConfig
+    from emo_data.config import ExecutorConfig
 
     try:
         config = _load_config(args)
@@ -173,8 +175,8 @@ def cmd_build(args) -> int:
 def cmd_add_features(args) -> int:
     import numpy as np
 
-    from .audio_features import AudioFeatureInput, AudioFeatureStage, check_audio_encoder
-    from .schema import list_shards, load_wav, npy_bytes, rewrite_shard
+    from emo_data.audio_features import AudioFeatureInput, AudioFeatureStage, check_audio_encoder
+    from emo_data.schema import list_shards, load_wav, npy_bytes, rewrite_shard
 
     config = _load_config(args)
     config.audio_features.enabled = True
@@ -215,8 +217,8 @@ def cmd_add_features(args) -> int:
 
 
 def cmd_add_latents(args) -> int:
-    from .latents import add_latents
-    from .schema import list_shards
+    from emo_data.latents import add_latents
+    from emo_data.schema import list_shards
 
     shards = list_shards(args.shards)
     if not shards:
@@ -234,8 +236,8 @@ def cmd_add_latents(args) -> int:
 def cmd_fit_buckets(args) -> int:
     import numpy as np
 
-    from .pose import fit_bucket_centers, speed_buckets
-    from .schema import list_shards, load_npy, npy_bytes, read_sample, read_index, rewrite_shard
+    from emo_data.pose import fit_bucket_centers, speed_buckets
+    from emo_data.schema import list_shards, load_npy, npy_bytes, read_sample, read_index, rewrite_shard
 
     shards = list_shards(args.shards)
     speeds = []
