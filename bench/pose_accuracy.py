@@ -12,6 +12,8 @@ issue 10 is missed.
     python bench/pose_accuracy.py --face-px 285          # faces that fill a 512 crop at 1.8x
     python bench/pose_accuracy.py --backend insightface --model-root ~/.insightface/models/buffalo_l
     python bench/pose_accuracy.py --code-root /tmp/pose_before --smooth-frames 5   # another checkout
+    python bench/pose_accuracy.py --real                 # speed distributions on the sample talks
+    python bench/pose_accuracy.py --cost [--code-root DIR]   # CPU ms/frame of tracker + head pose
 
 Random weights cannot show the accuracy of InsightFace or face-alignment: run those with real
 weights (the commands above); the synthetic videos are generated here, nothing is downloaded.
@@ -70,6 +72,73 @@ def verdict(s: dict, missed: list[str]) -> str:
     return "ok" if not missed else "; ".join(missed)
 
 
+def real_footage(synth, config, backend, manifest: str) -> None:
+    """Speed distributions (no truth) of the talk videos in a manifest, through the same path."""
+    import csv
+
+    import numpy as np
+
+    from emo_data.pose import rotation_speed
+
+    base = os.path.dirname(os.path.abspath(manifest))
+    with open(manifest, newline="") as fh:
+        rows = [r for r in csv.DictReader(fh) if r.get("kind") == "talk"]
+    print(f"{'video':>42} {'frames':>6} | stored speed p50   p90    max | per-frame pose p50   p90    max")
+    for row in rows:
+        path = os.path.normpath(os.path.join(base, row["path"]))
+        import av
+
+        with av.open(path) as c:
+            s = c.streams.video[0]
+            frames = int(round(float(c.duration / 1e6) * config.decode.fps)) if c.duration else s.frames
+        case = synth.still(frames / synth.FPS + 2.0, name=os.path.basename(path))  # room for rounding
+        stored, raw = [], []
+        synth.measure_video(path, case, config, backend,
+                            on_clip=lambda clip, m: (stored.append(m.speed),
+                                                     raw.append(rotation_speed(m.raw_pose) if getattr(m, "raw_pose", None) is not None else m.speed * np.nan)))
+        if not stored:
+            print(f"{os.path.basename(path)[:42]:>42}   no clip")
+            continue
+        a, b = np.concatenate(stored), np.concatenate(raw)
+        q = lambda v: np.nanpercentile(v, [50, 90, 100]) if np.isfinite(v).any() else [np.nan] * 3  # noqa: E731
+        print(f"{os.path.basename(path)[:42]:>42} {len(a):6d} | {q(a)[0]:17.3f} {q(a)[1]:5.3f} {q(a)[2]:6.2f} | "
+              f"{q(b)[0]:18.3f} {q(b)[1]:5.3f} {q(b)[2]:6.2f}", flush=True)
+
+
+def cost(config, backend, videos: list[str], frames: int = 150, repeats: int = 2) -> None:
+    """CPU ms per frame of the tracker with landmarks (what the video pass runs on speech) and of
+    the head-pose stage on its output; best of ``repeats`` (process time: other load on the
+    machine counts less than in wall time)."""
+    import av
+    import numpy as np
+
+    from emo_data.faces import FaceTracker
+    from emo_data.pose import HeadPoseInput, HeadPoseStage
+
+    for path in videos:
+        with av.open(path) as c:
+            imgs = [f.to_ndarray(format="rgb24") for _, f in zip(range(frames), c.decode(video=0))]
+        best = None
+        for _ in range(repeats):
+            tracker = FaceTracker(backend, config.face)
+            t0 = time.process_time()
+            lms, poses = [], []
+            for i, img in enumerate(imgs):
+                faces = tracker.update(img, i, True)
+                if faces:
+                    lms.append(faces[0].landmarks)
+                    poses.append(faces[0].pose)
+            t1 = time.process_time()
+            given = np.stack(poses) if poses and all(p is not None for p in poses) else None
+            HeadPoseStage(config.speed)(HeadPoseInput(np.stack(lms), config.clip.crop_size, backend.landmark_format, given))
+            t2 = time.process_time()
+            ms = ((t1 - t0) * 1000 / len(imgs), (t2 - t1) * 1000 / len(imgs))
+            best = ms if best is None or sum(ms) < sum(best) else best
+        h, w = imgs[0].shape[:2]
+        print(f"{os.path.basename(path)[:34]:>34} {w}x{h}: tracker {best[0]:6.2f} + head pose {best[1]:5.2f} "
+              f"= {sum(best):6.2f} ms/frame", flush=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--backend", default="dlib", help="dlib | insightface | face_alignment")
@@ -85,6 +154,9 @@ def main() -> int:
     ap.add_argument("--smooth-frames", type=int, default=None, help="override SpeedConfig.smooth_frames")
     ap.add_argument("--json", default=None, help="write every figure here")
     ap.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
+    ap.add_argument("--cost", action="store_true", help="instead: CPU ms/frame of tracker + head pose on sample talks")
+    ap.add_argument("--real", nargs="?", const=str(REPO / "manifests" / "samples.csv"), default=None,
+                    help="instead: speed distributions of the talk videos in this manifest (no truth)")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -104,6 +176,14 @@ def main() -> int:
         print(f"{exc}\nThe accuracy of {args.backend} can only be measured with its real weights: "
               f"python bench/pose_accuracy.py --backend {args.backend} --model-root DIR", file=sys.stderr)
         return 2
+    if args.real:
+        real_footage(synth, config, backend, args.real)
+        return 0
+    if args.cost:
+        videos = synth.SAMPLES / "video"
+        cost(config, backend, [str(videos / n) for n in ("sadtalker__WDA_KatieHill_000.mp4",
+                                                         "video-retalking__face_2.mp4", "latentsync__demo2_video.mp4")])
+        return 0
     portrait = synth.load_portrait(args.photo or synth.DEFAULT_PHOTO)
     frame = args.frame or max(512, int(round(2 * args.face_px / 16)) * 16)
     cases = synth.standard_cases(args.seconds)

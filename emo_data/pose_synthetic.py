@@ -218,13 +218,29 @@ _RELIEF_BACK = 450.0  # the head's silhouette and everything behind it
 _RELIEF_PIVOT = 450.0  # turns pivot this far behind the nose tip (about the neck)
 
 
+def _mean_face() -> np.ndarray:
+    """The mean face of *this* checkout's pose module, also when the bench measures another
+    checkout's build code (whose emo_data.pose may predate it)."""
+    try:
+        from emo_data.pose import IBUG68_MEAN_FACE
+    except ImportError:
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("pose_synthetic_pose", Path(__file__).with_name("pose.py"))
+        module = importlib.util.module_from_spec(spec)
+        import sys
+
+        sys.modules[spec.name] = module  # dataclasses look their module up
+        spec.loader.exec_module(module)  # type: ignore[union-attr]
+        IBUG68_MEAN_FACE = module.IBUG68_MEAN_FACE
+    return IBUG68_MEAN_FACE
+
+
 def _relief(shape: tuple[int, int], landmarks: np.ndarray) -> np.ndarray:
     import cv2
     from scipy.interpolate import RBFInterpolator
 
-    from emo_data.pose import IBUG68_MEAN_FACE
-
-    z = IBUG68_MEAN_FACE[:, 2]  # the mean face's depths at the photo's own landmarks
+    z = _mean_face()[:, 2]  # the mean face's depths at the photo's own landmarks
     unit = float(np.linalg.norm(landmarks[45] - landmarks[36])) / 450.0
     centre = landmarks.mean(axis=0)
     half = (landmarks.max(axis=0) - landmarks.min(axis=0)) / 2.0
@@ -426,11 +442,9 @@ def measure_case(portrait: Portrait, case: MotionCase, workdir: str, config=None
     """Render (cached by name and parameters), then :func:`measure_video`."""
     import hashlib
 
-    from emo_data.pose import IBUG68_MEAN_FACE
-
     motion = np.concatenate([case.roll_deg, case.yaw_deg, case.pitch_deg, case.scale, case.shift_px.ravel()])
     if case.out_of_plane:  # the relief is part of what was rendered
-        motion = np.concatenate([motion, IBUG68_MEAN_FACE.ravel(), [_RELIEF_BACK, _RELIEF_PIVOT]])
+        motion = np.concatenate([motion, _mean_face().ravel(), [_RELIEF_BACK, _RELIEF_PIVOT]])
     tag = hashlib.sha1(
         f"{portrait.name}|{case.name}|{face_px}|{frame_size}|{seed}|".encode() + motion.tobytes()
     ).hexdigest()[:12]

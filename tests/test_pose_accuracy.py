@@ -1,9 +1,12 @@
 """Issue 10's accuracy targets on synthetic motion with exact ground truth, through the build's
 own code path (VideoPassStage's tracker and crop, then HeadPoseStage; default config, dlib).
 
-A real photo is rendered as 25 fps H.264 video with ~285-px faces (they fill a 512 crop at the
-default crop scale; smaller than the issue's 512 px, so stricter) and known in-plane rotation,
-pans and zooms. Full table: ``python bench/pose_accuracy.py`` (docs/pose.md).
+A real photo is rendered as 25 fps H.264 video with known in-plane rotation, pans and zooms.
+Rotations run with ~285-px faces (they fill a 512 crop at the default crop scale: smaller than
+the issue's 512 px, so stricter and cheaper); pans, zooms and stills with the issue's 512-px
+faces, as in the bench's table (with 285-px faces or a zoom as fast as 1.3x in 3 s the p90
+comes within 10 % of the 0.1 target: too close for a test). Full table:
+``python bench/pose_accuracy.py`` (docs/pose.md).
 """
 from __future__ import annotations
 
@@ -30,9 +33,9 @@ def measure(tmp_path_factory):
     backend = make_face_backend(config.face)
     backend.setup()
 
-    def run(case):
+    def run(case, face_px=FACE_PX, frame=FRAME):
         return synth.measure_case(portrait, case, workdir, config=config, face_backend=backend,
-                                  face_px=FACE_PX, frame_size=FRAME).summary()
+                                  face_px=face_px, frame_size=frame).summary()
     return run
 
 
@@ -54,12 +57,12 @@ def test_sweep_to_45_degrees_keeps_the_face(measure):
     assert s["err_median"] <= 0.05 and s["err_mean"] <= 0.1        # away from the turnarounds
 
 
-@pytest.mark.parametrize("case", [synth.still(3.0), synth.pan(2.0, 3.0), synth.zoom(1.3, 3.0)],
+@pytest.mark.parametrize("case", [synth.still(4.0), synth.pan(2.0, 4.0), synth.zoom(1.3, 4.0)],
                          ids=lambda c: c.kind)
 def test_no_rotation_reads_as_still(measure, case):
-    s = measure(case)
+    s = measure(case, 512.0, (1024, 1024))
     assert s["frames_lost"] == 0
-    assert s["err_p90"] <= 0.1                                      # measured: <= 0.06
+    assert s["err_p90"] <= 0.1                                      # measured: <= 0.077 (bench table)
     # the per-frame pose is noisier, the stored smoothed speed is what meets the target
     assert s["raw_err_median"] > s["err_median"]
 

@@ -116,44 +116,41 @@ class LandmarkStabilizer:
         if region.shape[:2] != (h, w):  # frame size changed: start over
             self.reset()
             return self.update(frame_rgb, points68)
-        gray = self._grey(region)
         prev = ((self._points - self._origin) * self._scale).astype(np.float32).reshape(-1, 1, 2)
+        gray = self._grey(region)
         nxt, status, _err = cv2.calcOpticalFlowPyrLK(self._gray, gray, prev, None, **_LK_PARAMS)
         flowed = nxt.reshape(-1, 2).astype(np.float64) / self._scale + self._origin
         diff = measured - flowed
-        dist = np.sqrt(np.einsum("ij,ij->i", diff, diff))
+        dist = np.hypot(diff[:, 0], diff[:, 1])
         span = max(eye_span(out), 1.0)
         ok = (status.reshape(-1) == 1) & (dist <= self.max_disagreement * span)  # NaN compares False
         n_ok = int(ok.sum())
         if n_ok < len(ok) // 2:  # most points lost: a different face or a cut
             self.reset()
             return self.update(frame_rgb, points68)
-        # the innovation's similarity part (least squares over the points that flowed)
-        centre = flowed[ok].mean(axis=0)
-        q = flowed - centre
-        shift = diff[ok].mean(axis=0)
-        rest = diff - shift
-        qq = float(np.einsum("ij,ij->", q[ok], q[ok])) or 1.0
-        a = float(np.einsum("ij,ij->", q[ok], rest[ok])) / qq
-        b = float(np.sum(q[ok, 0] * rest[ok, 1] - q[ok, 1] * rest[ok, 0])) / qq
-        similar = np.c_[a * q[:, 0] - b * q[:, 1], b * q[:, 0] + a * q[:, 1]] + shift
-        shape = diff - similar
+        # the innovation's similarity part, fitted by least squares over the points that flowed
+        # (as complex numbers: shift + c * (p - centre), c = scale and in-plane turn)
+        z = flowed[:, 0] + 1j * flowed[:, 1]
+        e = diff[:, 0] + 1j * diff[:, 1]
+        q = z - z[ok].mean()
+        shift = e[ok].mean()
+        c = np.vdot(q[ok], e[ok] - shift) / max(float(np.vdot(q[ok], q[ok]).real), 1e-9)
+        similar = shift + c * q
         blend = self.blend
         if self.drift_ref > 0:
             # a systematic disagreement (the median over points, not one point's jitter) well
             # above the detector's noise means the flow has drifted: pull back faster
-            sim_dist = np.sqrt(np.einsum("ij,ij->i", similar[ok], similar[ok]))
-            typical = float(np.partition(sim_dist, n_ok // 2)[n_ok // 2]) / span
+            typical = float(np.median(np.abs(similar[ok]))) / span
             blend = min(1.0, blend * max(1.0, (typical / self.drift_ref) ** 2))
         self.last_blend = blend
-        fused = np.where(ok[:, None], flowed + blend * similar + self.shape_blend * shape, measured)
+        step = blend * similar + self.shape_blend * (e - similar)
+        fused = np.where(ok[:, None], flowed + np.c_[step.real, step.imag], measured)
         out[self.indices] = fused
         self._points = fused
-        # keep this patch for the next frame unless the points near its border
-        margin = 0.25 * max(float(np.ptp(fused[:, 0])), 8.0)
-        inside = (fused.min(axis=0) - self._origin >= margin).all() and \
-                 (self._origin + np.array([w, h]) - fused.max(axis=0) >= margin).all()
-        if inside:
+        # keep this patch for the next frame unless the points come near its border
+        lo, hi = fused.min(axis=0), fused.max(axis=0)
+        margin = 0.5 * PATCH_MARGIN * max(float(hi[0] - lo[0]), 8.0)
+        if (lo - self._origin >= margin).all() and (self._origin + np.array([w, h]) - hi >= margin).all():
             self._gray = gray
         else:
             self._gray, self._origin = self._patch(frame_rgb, fused)

@@ -32,6 +32,7 @@ def decode_for_render(raw: dict[str, Any]) -> dict[str, Any]:
         "boxes": npy("face_boxes.npy"),
         "landmarks": npy("landmarks.npy"),
         "pose": npy("head_pose.npy"),
+        "pose_raw": npy("head_pose_raw.npy"),
         "speed": npy("head_speed.npy"),
         "buckets": npy("speed_buckets.npy"),
         "audio_emb": npy("audio_emb.npy"),
@@ -120,9 +121,17 @@ def contact_sheet(d: dict[str, Any], out_png: str, n_frames: int = 8, shard: str
     ax = axes[0]
     centers = list((meta.get("speed_buckets") or {}).get("centers") or [])
     speed = d.get("speed")
+    raw_speed = None
+    if d.get("pose_raw") is not None and len(d["pose_raw"]) > 1:
+        from ..pose import rotation_speed
+
+        raw_speed = rotation_speed(d["pose_raw"])
+        ax.plot(times[: len(raw_speed)], raw_speed, color="#999999", lw=0.9,
+                label="per-frame pose (head_pose_raw.npy), unsmoothed")
     if speed is not None:
-        ax.plot(times[: len(speed)], speed, color="#c44e52", lw=1.8, label="head speed w_f")
-        top = max(float(np.max(speed)) * 1.15, 0.05)
+        ax.plot(times[: len(speed)], speed, color="#c44e52", lw=1.8, label="head speed w_f (smoothed, stored)")
+        # the raw curve can spike: scale to the stored speed, let raw peaks leave the panel
+        top = max(float(np.max(speed)) * 1.15, float(np.percentile(raw_speed, 90)) * 1.1 if raw_speed is not None else 0.0, 0.05)
         last_label = -np.inf
         for c in centers:
             if c <= top:
@@ -133,7 +142,8 @@ def contact_sheet(d: dict[str, Any], out_png: str, n_frames: int = 8, shard: str
         ax.set_ylim(0, top)
         ax.legend(loc="upper left", fontsize=9)
     ax.set_ylabel("deg / frame")
-    ax.set_title("Head rotation speed (dotted: speed-bucket centres c_i)", fontsize=11, loc="left")
+    ax.set_title("Head rotation speed, smoothed (stored) and from the per-frame pose (dotted: speed-bucket centres c_i)",
+                 fontsize=11, loc="left")
 
     # bucket encoding heat-map
     ax = axes[1]
