@@ -22,7 +22,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def _make_synthetic(root: str, n: int, frames: int, per_shard: int) -> None:
     sys.path.insert(0, os.path.join(HERE, "..", "tests"))
     import shard_fixtures as fx
-    from emo_data.schema import write_tar
+    from emo_data.shards import write_tar
 
     for s in range(0, n, per_shard):
         samples = [fx.make_sample(i, frames, True, source_id=f"src{s // per_shard:03d}", seed=s)
@@ -52,7 +52,7 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=2)
     args = ap.parse_args()
 
-    from emo_data.inspect.access import load_index, resolve_shards
+    from emo_data.shards import list_shards, load_index
 
     tmp = None
     shards = args.shards
@@ -60,7 +60,7 @@ def main() -> int:
         tmp = tempfile.mkdtemp(prefix="emo_shards_bench_")
         _make_synthetic(tmp, args.synthetic, args.frames, args.per_shard)
         shards = [tmp]
-    urls = resolve_shards(shards)
+    urls = list_shards(shards, must_match=True)
     n = sum(len(load_index(u)["samples"]) for u in urls)
     frames = sum(int((e.get("meta") or {}).get("num_frames") or 0) for u in urls for e in load_index(u)["samples"])
     size = sum(os.path.getsize(u) for u in urls if "://" not in u)
@@ -73,7 +73,7 @@ def main() -> int:
         ("validate", ["validate", *urls]),
         ("validate --jobs 2", ["validate", "--jobs", "2", *urls]),
     ]
-    print(f"| command | wall s | samples/s | frames/s |\n|---|---:|---:|---:|")
+    print("| command | wall s | samples/s | frames/s |\n|---|---:|---:|---:|")
     for name, argv in rows:
         secs = _time(argv, args.repeat if not name.startswith("validate") or "no-decode" in name else 1)
         print(f"| `emo-shards {name}` | {secs:.3f} | {n / secs:,.1f} | {frames / secs:,.0f} |", flush=True)

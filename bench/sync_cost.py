@@ -37,7 +37,7 @@ def build(manifest: str, out: str, gate: bool) -> tuple[float, float, int]:
 def per_clip_costs(corpus: str) -> None:
     import glob
 
-    from emo_data.schema import decode_mp4, iter_raw_samples, load_npy, load_wav
+    from emo_data.shards import decode_mp4, iter_raw_samples, load_npy, load_wav
     from emo_data.sync.base import SyncInput
     from emo_data.sync.envelope import EnvelopeSyncBackend
     from emo_data.sync.signals import mouth_darkness, mouth_motion

@@ -34,14 +34,14 @@ sys.path.insert(0, os.path.join(HERE, ".."))
 def make_synthetic(root: str, n: int, frames: int, per_shard: int) -> list[str]:
     sys.path.insert(0, os.path.join(HERE, "..", "tests"))
     import shard_fixtures as fx
-    from emo_data.schema import write_tar
+    from emo_data.shards import write_tar
 
     os.makedirs(root, exist_ok=True)
     paths = []
     for s in range(0, n, per_shard):
         samples = [fx.make_sample(i, frames, True, source_id=f"src{i:03d}", seed=i) for i in range(s, min(n, s + per_shard))]
         path = os.path.join(root, f"train-{s // per_shard:06d}.tar")
-        write_tar(path, samples)
+        write_tar(path, samples, extra_index=fx.fixture_index(samples[0][2]["crop_size"]))
         paths.append(path)
     return paths
 
@@ -49,9 +49,9 @@ def make_synthetic(root: str, n: int, frames: int, per_shard: int) -> list[str]:
 class ModelConfig:
     """What the data contract reads from a model config, taken from the shards themselves."""
 
-    def __init__(self, meta: dict):
-        audio = meta.get("audio_emb") or {}
-        self.speed_buckets = len(meta["speed_buckets"]["centers"])
+    def __init__(self, meta):
+        audio = meta.audio_emb or {}
+        self.speed_buckets = len(meta.speed_centers)
         self.audio_layers, self.audio_feature_dim = audio.get("num_layers", 0), audio.get("dim", 0)
         self.num_motion_frames, self.num_frames, self.audio_window, self.speed_window = 4, 12, 2, 2
         self.in_channels = 4
@@ -92,7 +92,7 @@ def plain_epoch(shards, refs, stage: str, size: int, chosen: dict) -> float:
     import torch
 
     from emo_data.latents import resize_frames
-    from emo_data.schema import decode_mp4, iter_raw_samples, load_npy, load_png
+    from emo_data.shards import decode_mp4, iter_raw_samples, load_npy, load_png
     from emo_model.train_data import resize_mask, window_indices
 
     t0 = time.perf_counter()
@@ -158,7 +158,7 @@ def main() -> int:
         lat_dir = os.path.join(tmp, "latents")
         os.makedirs(lat_dir, exist_ok=True)
         lat_shards = []
-        from emo_data.schema import index_path_for
+        from emo_data.shards import index_path_for
 
         for s in shards:
             d = os.path.join(lat_dir, os.path.basename(s))
@@ -166,7 +166,7 @@ def main() -> int:
                 shutil.copy2(s, d)
                 shutil.copy2(index_path_for(s), index_path_for(d))
             lat_shards.append(d)
-        have = [(r.meta.get("latents") or {}).get("resolution") for r in load_catalog(lat_shards)]
+        have = [(r.meta.latents or {}).get("resolution") for r in load_catalog(lat_shards)]
         if all(h == args.resolution for h in have):
             print(f"latents at {args.resolution} px already present")
         else:
@@ -179,7 +179,7 @@ def main() -> int:
         config = ModelConfig(refs_all[0].meta)
         mp4_bytes = sum(r.members["mp4"][1] for r in refs_all) / len(refs_all)
         lat_bytes = sum(r.members["latents.npy"][1] for r in lat_refs_all) / len(lat_refs_all)
-        print(f"{len(refs_all)} samples of {refs_all[0].num_frames} frames at {refs_all[0].meta.get('crop_size')} px; "
+        print(f"{len(refs_all)} samples of {refs_all[0].num_frames} frames at {refs_all[0].meta.crop_size} px; "
               f"mp4 {mp4_bytes / 1e6:.2f} MB, latents.npy {lat_bytes / 1e6:.2f} MB per sample; "
               f"{args.workers} DataLoader workers; {args.epochs} epochs, best of {args.repeat}")
         for stage in ("image", "video"):

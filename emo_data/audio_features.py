@@ -32,6 +32,7 @@ from typing import Any, Optional
 import numpy as np
 
 from .config import AudioFeatureConfig
+from .shards.contract import SAMPLE_RATE
 from .stage import Stage, StageError
 
 __all__ = [
@@ -43,7 +44,6 @@ __all__ = [
     "resample_frames",
 ]
 
-SAMPLE_RATE = 16000
 W2V_STRIDE = 320       # samples per wav2vec frame (5 * 2**6)
 W2V_FIELD = 400        # receptive field of one wav2vec frame, in samples
 

@@ -76,11 +76,11 @@ def _write(config: BuildConfig, device: str, out_dir: Optional[str]) -> StepFn:
     if out_dir is None:
         raise ValueError("the write step needs the output folder")
     assemble = SampleAssemblyStage(config)
-    config_dict = config.to_dict()
+    stored_config = config.to_stored()
 
     def write(item):
         sample = assemble_sample(item, assemble, config)
-        write_staged_sample(out_dir, item.clip.source.source_id, sample, config_dict)
+        write_staged_sample(out_dir, item.clip.source.source_id, sample, stored_config)
         return WRITTEN, ClipResult(item.key, clip_row(item.clip, sample))
 
     return write

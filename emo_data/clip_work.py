@@ -92,7 +92,7 @@ def clip_row(clip: ClipCandidate, sample: ClipSample) -> dict[str, Any]:
     row = ManifestRow(
         status="clip", key=clip.key, start_s=clip.start_s, end_s=clip.start_s + seconds, duration_s=seconds,
         num_frames=clip.num_frames, face_size=clip.scores.get("face_size_mean"),
-        head_speed_mean=sample.meta["head_speed_mean"], identity=clip.source.identity, **_source_fields(clip.source),
+        head_speed_mean=sample.meta.head_speed_mean, identity=clip.source.identity, **_source_fields(clip.source),
         **gate_fields(clip.sync, clip.quality),
     ).to_dict()
     emb = clip.identity_embedding

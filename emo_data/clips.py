@@ -15,9 +15,9 @@ from typing import Iterator, Optional, Union
 import numpy as np
 
 from .config import BuildConfig
-from .decode import DecodedFrame, iter_frames
+from .decode import iter_frames
 from .scenes import SceneCutDetector
-from .schema import encode_mp4
+from .shards import encode_mp4
 from .segmenter import TOO_SHORT, ClipClosed, ClipOpened, ClipSegmenter, FramesRejected
 from .stage import Stage
 from .types import AudioTrack, ClipCandidate, Face, ProbeInfo, RejectedSpan, Source, SpeechSegment

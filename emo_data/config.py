@@ -1,7 +1,9 @@
 """Build configuration as dataclasses.
 
-Every output (shard sample json, manifest, build summary) stores ``BuildConfig.to_dict()``,
-so a shard always says how it was made, in the spirit of diffusers' ``register_to_config``.
+A build stores its config once, as ``BuildConfig.to_stored()`` (its fields plus ``_class`` and
+``_version``): in ``build.json`` and in each shard's index, where every sample's json names it by
+``config_sha256`` (docs/shards.md), so a shard always says how it was made, in the spirit of
+diffusers' ``register_to_config``. ``from_dict`` reads every layout stored so far.
 """
 from __future__ import annotations
 
@@ -10,6 +12,16 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from .shards.contract import (
+    CONFIG_CLASS_KEY,
+    CONFIG_VERSION_KEY,
+    CROP_SCALE,
+    DEFAULT_CROP_SIZE,
+    DEFAULT_FPS,
+    DEFAULT_SPEED_CENTERS,
+    DEFAULT_SPEED_RADII,
+    SAMPLE_RATE,
+)
 
 def _from_dict(cls, data: dict[str, Any]):
     """Build dataclass ``cls`` from a (possibly partial) nested dict; unknown keys are errors."""
@@ -28,6 +40,19 @@ def _from_dict(cls, data: dict[str, Any]):
     return cls(**kwargs)
 
 
+def _unwrap_stored(cls, data: dict[str, Any]) -> tuple[dict[str, Any], int]:
+    """(fields, layout version) of a stored config; checks the class it was stored as."""
+    data = dict(data)
+    stored_class = data.pop(CONFIG_CLASS_KEY, None)
+    version = data.pop(CONFIG_VERSION_KEY, 1)
+    if stored_class is not None and stored_class != cls.__name__:
+        raise ValueError(f"a stored {stored_class} is not a {cls.__name__}")
+    if not isinstance(version, int) or version > cls.CONFIG_VERSION:
+        raise ValueError(f"{cls.__name__} layout version {version!r} is newer than this code reads "
+                         f"({cls.CONFIG_VERSION}): update emo")
+    return data, version
+
+
 def _redact_secrets(config, data: dict[str, Any]) -> dict[str, Any]:
     """Blank every field marked ``metadata={"secret": True}`` (tokens, credentials), at any depth."""
     for f in dataclasses.fields(config):
@@ -40,16 +65,31 @@ def _redact_secrets(config, data: dict[str, Any]) -> dict[str, Any]:
 
 
 class ConfigBase:
+    # Layout version of the stored fields: raise it when a field is renamed, moved or removed, and
+    # teach ``_upgrade`` to read the older layout. Stored configs without markers are version 1.
+    CONFIG_VERSION = 1
+
     def to_dict(self) -> dict[str, Any]:
-        """The config as stored with every output: secrets are never part of it."""
+        """The config's fields, as fingerprints and digests compare them: secrets are never part of it."""
         return _redact_secrets(self, dataclasses.asdict(self))  # type: ignore[call-overload]
+
+    def to_stored(self) -> dict[str, Any]:
+        """The config as outputs store it: its class and layout version, then :meth:`to_dict`."""
+        return {CONFIG_CLASS_KEY: type(self).__name__, CONFIG_VERSION_KEY: self.CONFIG_VERSION, **self.to_dict()}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]):
-        return _from_dict(cls, data)
+        """Fields (all or some), stored with or without class / version markers, in any layout
+        version up to this code's; unknown keys are errors."""
+        return _from_dict(cls, cls._upgrade(*_unwrap_stored(cls, data)))
+
+    @classmethod
+    def _upgrade(cls, data: dict[str, Any], version: int) -> dict[str, Any]:
+        """Stored fields of layout ``version`` -> this code's layout (nothing to do by default)."""
+        return data
 
     def validate(self):
         """Check this config and every nested one again (after fields were set one by one, as a
@@ -66,8 +106,8 @@ class ConfigBase:
 
 @dataclass
 class DecodeConfig(ConfigBase):
-    fps: float = 25.0               # output frame rate: VFR sources are resampled by timestamp
-    audio_sample_rate: int = 16000  # mono float32 for VAD and wav2vec
+    fps: float = DEFAULT_FPS        # output frame rate: VFR sources are resampled by timestamp
+    audio_sample_rate: int = SAMPLE_RATE  # mono float32 for VAD and wav2vec
     # PyAV only: it gives per-frame timestamps (VFR-safe) and decoded the samples ~4x faster than
     # decord here (bench/build_throughput.py).
     threads: int = 0                # decoder threads; 0 = library default
@@ -151,8 +191,8 @@ class FaceConfig(ConfigBase):
 class ClipConfig(ConfigBase):
     min_seconds: float = 2.0        # must hold n+f = 4+12 frames with room to sample windows
     max_seconds: float = 10.0
-    crop_size: int = 512
-    crop_scale: float = 1.8         # square crop side = this x the long side of the union face box
+    crop_size: int = DEFAULT_CROP_SIZE
+    crop_scale: float = CROP_SCALE  # square crop side = this x the long side of the union face box
     buffer_scale: float = 3.0       # frames are buffered inside a square of this x face size
     # A run of at most this many frames whose one face is merely too small or silent, inside a
     # good span, stays in the clip (a blink of the size estimate or a breath does not cut it).
@@ -176,9 +216,9 @@ class ClipConfig(ConfigBase):
 
 @dataclass
 class SpeedConfig(ConfigBase):
-    # EMO does not publish d, c_i, r_i: 9 buckets over 0..~3 deg/frame, fit with `emo-data fit-buckets`.
-    centers: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5, 2.5])
-    radii: list[float] = field(default_factory=lambda: [0.05, 0.05, 0.075, 0.1, 0.125, 0.2, 0.25, 0.4, 0.75])
+    # EMO does not publish d, c_i, r_i: the contract's defaults, refit with `emo-data fit-buckets`.
+    centers: list[float] = field(default_factory=lambda: list(DEFAULT_SPEED_CENTERS))
+    radii: list[float] = field(default_factory=lambda: list(DEFAULT_SPEED_RADII))
     # The per-frame pose is smoothed on rotations (quaternions) by a centred local polynomial of
     # this order over this many frames before speeds are taken (emo_data/pose.py, docs/pose.md).
     smooth_frames: int = 15
@@ -398,6 +438,11 @@ class SyncConfig(ConfigBase):
 
 @dataclass
 class BuildConfig(ConfigBase):
+    # 2: stored with class / version markers. 1 (stored before them) may also hold fields since
+    # removed or moved: decode.backend (only "pyav" was ever implemented) and sync.min_face_quality
+    # (now quality.min_face_quality).
+    CONFIG_VERSION = 2
+
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     speech: SpeechConfig = field(default_factory=SpeechConfig)
     scene: SceneConfig = field(default_factory=SceneConfig)
@@ -410,6 +455,22 @@ class BuildConfig(ConfigBase):
     sync: SyncConfig = field(default_factory=SyncConfig)
     vocals: VocalsConfig = field(default_factory=VocalsConfig)
     quality: QualityConfig = field(default_factory=QualityConfig)
+
+    @classmethod
+    def _upgrade(cls, data: dict[str, Any], version: int) -> dict[str, Any]:
+        if version >= 2:
+            return data
+        data = dict(data)
+        decode = data.get("decode")
+        if isinstance(decode, dict) and "backend" in decode:  # decoding was PyAV whatever it said
+            data["decode"] = {k: v for k, v in decode.items() if k != "backend"}
+        sync = data.get("sync")
+        if isinstance(sync, dict) and "min_face_quality" in sync:
+            data["sync"] = {k: v for k, v in sync.items() if k != "min_face_quality"}
+            quality = dict(data.get("quality") or {})
+            quality.setdefault("min_face_quality", sync["min_face_quality"])
+            data["quality"] = quality
+        return data
 
 
 @dataclass
@@ -479,7 +540,7 @@ class ExecutorConfig(ConfigBase):
     def from_dict(cls, data: dict[str, Any]):
         """Also reads the layout before the per-clip steps were declared by name (``audio_features``,
         ``head_pose``, ``write``, ``sync_gate`` at the top level), so older files keep working."""
-        data = dict(data)
+        data, _version = _unwrap_stored(cls, data)
         steps = {k: v for k, v in dict(data.pop("clip_steps", None) or {}).items()}
         for legacy in ("sync_gate", "head_pose", "audio_features", "write"):
             if legacy in data:

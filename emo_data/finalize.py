@@ -2,8 +2,9 @@
 
 Runs after every source is staged. It only copies member bytes (nothing is decoded again),
 rewriting each sample's ``json`` with its identity, split, the manifest's current metadata and
-the build config, so it is cheap and idempotent: the same staged sources and config give
-byte-identical shards, index files and manifest.
+the reference to the build config (``config_sha256``; the config itself goes once into each
+shard index and ``build.json``), so it is cheap and idempotent: the same staged sources and
+config give byte-identical shards, index files and manifest.
 
 Where a sample's bytes come from: its staged part (``staging/<source>/<key>.tar``) when the
 source was staged since the last finalisation, else the current final shards. After a
@@ -32,9 +33,18 @@ import numpy as np
 
 from .config import BuildConfig
 from .fsio import update_json_atomic, write_json_atomic
-from .identity import SplitReport, assign_identities, plan_split
+from .identity import assign_identities, plan_split
 from .manifest import ManifestRow, write_manifest
-from .schema import INDEX_SUFFIX, SCHEMA_VERSION, ShardWriter, read_index
+from .shards import (
+    INDEX_SUFFIX,
+    SAMPLE_META_VERSION,
+    SCHEMA_VERSION,
+    SampleMeta,
+    ShardWriter,
+    config_sha256,
+    read_index,
+    read_members,
+)
 from .staging import part_path, read_marker, read_staged, remove_parts, staging_dir
 from .types import Source
 
@@ -47,13 +57,13 @@ _SHARD_RE = re.compile(r"^[A-Za-z0-9_]+(?:-[A-Za-z0-9_]+)*-\d{6}\.(?:tar|index\.
 SOURCE_META_FIELDS = ("path", "kind", "language", "licence")
 
 
-def shard_prefix(split: str, meta: dict[str, Any], group_by: list[str]) -> str:
+def shard_prefix(split: str, meta: SampleMeta, group_by: list[str]) -> str:
     """``train`` or, grouped, ``train-talk-en``: values are made name-safe (no dots or dashes)."""
     parts = [split]
     for name in group_by:
         if name not in GROUP_FIELDS:
             raise ValueError(f"cannot group shards by {name!r}: choose from {', '.join(GROUP_FIELDS)}")
-        parts.append(re.sub(r"[^A-Za-z0-9_]+", "_", str(meta.get(name) or "unknown")) or "unknown")
+        parts.append(re.sub(r"[^A-Za-z0-9_]+", "_", str(getattr(meta, name) or "unknown")) or "unknown")
     return "-".join(parts)
 
 
@@ -120,14 +130,16 @@ class SampleStore:
     def __init__(self, out_dir: str):
         self.out_dir = out_dir
         self._final: Optional[dict[str, tuple[str, dict[str, Any]]]] = None
+        self._indexes: dict[str, dict[str, Any]] = {}
 
     def final_index(self) -> dict[str, tuple[str, dict[str, Any]]]:
         """key -> (shard path, index entry) over the current final shards."""
         if self._final is None:
             self._final = {}
             for shard in final_shard_paths(self.out_dir):
-                index = read_index(shard)
-                for entry in (index or {}).get("samples", []):
+                index = read_index(shard) or {}
+                self._indexes[shard] = index
+                for entry in index.get("samples", []):
                     self._final[entry["key"]] = (shard, entry)
         return self._final
 
@@ -136,21 +148,22 @@ class SampleStore:
         if os.path.exists(part):
             index = read_index(part)
             if index and len(index["samples"]) == 1 and index["samples"][0]["key"] == key:
+                self._indexes[part] = index
                 return part, index["samples"][0]
             raise ValueError(f"{part}: a staged part must hold exactly one indexed sample, {key}")
         return self.final_index().get(key)
+
+    def build_config(self, path: str, entry: dict[str, Any]) -> Optional[dict[str, Any]]:
+        """The stored build config a located sample was made with (see SampleMeta.build_config)."""
+        return SampleMeta.from_dict(entry.get("meta") or {}).build_config(self._indexes.get(path))
 
     def read(self, source_id: str, key: str) -> dict[str, bytes]:
         found = self.locate(source_id, key)
         if found is None:
             raise FileNotFoundError(f"sample {key} of source {source_id} is neither staged nor in the final shards of {self.out_dir}")
         path, entry = found
-        members = {}
-        with open(path, "rb") as fh:
-            for member, loc in sorted(entry["members"].items(), key=lambda kv: kv[1]["offset"]):
-                fh.seek(loc["offset"])
-                members[member] = fh.read(loc["size"])
-        return members
+        raw = read_members(path, entry)
+        return {k: v for k, v in raw.items() if not k.startswith("__")}
 
 
 # ------------------------------------------------------------------------------------ state
@@ -238,16 +251,16 @@ def recover_interrupted(out_dir: str) -> bool:
 
 
 # ------------------------------------------------------------------------------------ finalise
-def _shard_stats(metas: list[dict[str, Any]]) -> dict[str, Any]:
-    seconds = [m["num_frames"] / m["fps"] for m in metas]
+def _shard_stats(metas: list[SampleMeta]) -> dict[str, Any]:
+    seconds = [m.num_frames / m.fps for m in metas]
     return {
         "num_samples": len(metas),
         "hours": sum(seconds) / 3600.0,
-        "by_kind": dict(sorted(Counter(m.get("kind") for m in metas).items())),
-        "by_language": dict(sorted(Counter(m.get("language") for m in metas).items())),
-        "identities": len({m.get("identity") for m in metas}),
+        "by_kind": dict(sorted(Counter(m.kind for m in metas).items())),
+        "by_language": dict(sorted(Counter(m.language for m in metas).items())),
+        "identities": len({m.identity for m in metas}),
         "clip_seconds_mean": float(np.mean(seconds)) if seconds else 0.0,
-        "head_speed_mean": float(np.mean([m.get("head_speed_mean", 0.0) for m in metas])) if metas else 0.0,
+        "head_speed_mean": float(np.mean([m.head_speed_mean or 0.0 for m in metas])) if metas else 0.0,
     }
 
 
@@ -280,7 +293,7 @@ def finalize_corpus(
     digests = {sid: _marker_digest(out_dir, sid) for sid in source_ids}
     metas = {sid: _source_meta(s) for sid, s in zip(source_ids, sources)}
     finalize_digest = hashlib.sha256(json.dumps(
-        {"config": cfg.to_dict(), "schema": SCHEMA_VERSION, "resplit": resplit,
+        {"config": cfg.to_dict(), "schema": SCHEMA_VERSION, "meta_version": SAMPLE_META_VERSION, "resplit": resplit,
          "sources": [[sid, digests[sid], metas[sid]] for sid in sorted(source_ids)]},
         sort_keys=True, default=str).encode()).hexdigest()
 
@@ -342,9 +355,10 @@ def finalize_corpus(
     scratch = os.path.join(out_dir, SCRATCH_DIR)
     os.makedirs(scratch)
     store = SampleStore(out_dir)
-    config_dict = cfg.to_dict()
+    stored_config = cfg.to_stored()
+    config_ref = config_sha256(stored_config)
     writers: dict[str, ShardWriter] = {}
-    shard_metas: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    shard_metas: dict[str, list[SampleMeta]] = defaultdict(list)
     shard_of: dict[str, str] = {}
     clip_keys: dict[str, list[str]] = defaultdict(list)
     for r in clip_rows:
@@ -355,19 +369,22 @@ def finalize_corpus(
                 members = store.read(source_id, key)
                 identity = identity_of[key]
                 split = split_of.get(identity, "train")
-                meta = json.loads(members["json"].decode("utf-8"))
+                meta = SampleMeta.from_json(members["json"])
                 if metas[source_id] is not None:
                     m = metas[source_id]
-                    meta.update(source_path=m["path"], kind=m["kind"], language=m["language"], licence=m["licence"])
-                meta["identity"], meta["split"], meta["config"] = identity, split, config_dict
-                members["json"] = json.dumps(meta, sort_keys=True).encode("utf-8")
+                    meta.source_path, meta.kind, meta.language, meta.licence = m["path"], m["kind"], m["language"], m["licence"]
+                meta.identity, meta.split = identity, split
+                # the config is stored once per shard; a sample written with it inline (older
+                # code) gets the reference too
+                meta.config, meta.config_sha256 = None, config_ref
+                members["json"] = meta.to_json()
                 prefix = shard_prefix(split, meta, list(cfg.shards.group_by))
                 if prefix not in writers:
                     writers[prefix] = ShardWriter(scratch, prefix, cfg.shards.max_samples, cfg.shards.max_bytes,
-                                                  extra_index={"config": config_dict})
+                                                  extra_index={"configs": {config_ref: stored_config}})
                 writer = writers[prefix]
                 writer.write(key, members, meta)
-                shard = os.path.basename(writer._current.path)  # noqa: SLF001 - the shard this sample lands in
+                shard = os.path.basename(writer.current_path)
                 shard_of[key] = shard
                 shard_metas[shard].append(meta)
         written = []
@@ -425,7 +442,8 @@ def finalize_corpus(
     for volatile in ("wall_s", "processed_sources", "processed_s", "unchanged"):
         stored.pop(volatile)  # build.json describes the corpus; the same corpus gives the same bytes
     _write_json(os.path.join(out_dir, "build.json"), {
-        "summary": stored, "config": config_dict, "sources": len(source_ids), "split": asdict(split_report),
+        "summary": stored, "config": stored_config, "config_sha256": config_ref, "sources": len(source_ids),
+        "split": asdict(split_report),
         "finalize_digest": finalize_digest,
     })
     _write_json(_state_path(out_dir), {"sources": {sid: digests[sid] for sid in sorted(source_ids)}}, indent=None)

@@ -20,10 +20,12 @@ def _json_default(obj: Any):
 
 
 def write_json_atomic(path: str, payload: Any, indent: Optional[int] = None, sort_keys: bool = False,
-                      fsync: bool = False, newline: bool = False, default=_json_default) -> None:
-    """Write ``payload`` as JSON to ``path`` through ``path + '.tmp'`` and a rename. ``fsync``
-    when the file is a durability point (a done marker written after the data it vouches for)."""
-    tmp = path + ".tmp"
+                      fsync: bool = False, newline: bool = False, default=_json_default,
+                      tmp_path: Optional[str] = None) -> None:
+    """Write ``payload`` as JSON to ``path`` through ``path + '.tmp'`` (or ``tmp_path``: one per
+    process where two may write the same file) and a rename. ``fsync`` when the file is a
+    durability point (a done marker written after the data it vouches for)."""
+    tmp = tmp_path or path + ".tmp"
     with open(tmp, "w") as fh:
         json.dump(payload, fh, indent=indent, sort_keys=sort_keys, default=default)
         if newline:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import glob
 import hashlib
-import json
 import logging
 import os
 from typing import Optional, Sequence
@@ -100,20 +99,20 @@ def add_latents(shards: Sequence[str], vae_dir: str, resolution: Optional[int] =
     ``resolution`` defaults to each clip's crop size (no resize)."""
     from tqdm import tqdm
 
-    from .schema import decode_mp4, npy_bytes, rewrite_shard
+    from .shards import SampleMeta, decode_mp4, npy_bytes, rewrite_shard
 
     encoder = LatentEncoder(vae_dir, device=device, batch_size=batch_size)
     total = 0
     for shard in tqdm(list(shards), unit="shard", disable=not progress):
         def transform(raw):
-            meta = json.loads(raw["json"].decode("utf-8"))
-            size = int(resolution or meta.get("crop_size"))
+            meta = SampleMeta.from_json(raw["json"])
+            size = int(resolution or meta.crop_size)
             frames = decode_mp4(raw["mp4"])
-            if len(frames) != int(meta["num_frames"]):
-                raise ValueError(f"{shard}:{raw['__key__']}: mp4 has {len(frames)} frames, json says {meta['num_frames']}")
+            if len(frames) != int(meta.num_frames):
+                raise ValueError(f"{shard}:{raw['__key__']}: mp4 has {len(frames)} frames, json says {meta.num_frames}")
             raw[MEMBER] = npy_bytes(encoder.encode(frames, size))
-            meta["latents"] = encoder.metadata(size)
-            raw["json"] = json.dumps(meta, sort_keys=True).encode("utf-8")
+            meta.latents = encoder.metadata(size)
+            raw["json"] = meta.to_json()
             return raw
 
         total += rewrite_shard(shard, transform)

@@ -3,13 +3,13 @@
 ``datasets.load_dataset("webdataset", ...)`` types members by extension: ``mp4`` becomes a
 ``Video`` and ``wav`` an ``Audio`` feature, both decoded through torchcodec, which needs FFmpeg
 libraries and a torch build it matches (it fails on a CPU-only torch). :func:`hf_features` types
-them as raw bytes instead (decode them with :func:`emo_data.schema.decode_mp4` /
-:func:`emo_data.schema.load_wav` when you need them) and infers the rest (arrays from ``.npy``,
+them as raw bytes instead (decode them with :func:`emo_data.shards.decode_mp4` /
+:func:`emo_data.shards.load_wav` when you need them) and infers the rest (arrays from ``.npy``,
 the ``json`` metadata, the PNG mask) from the first sample, the way ``datasets`` itself does.
 
 Ray Data needs nothing extra: ``ray.data.read_webdataset(shards)`` keeps ``mp4``/``wav`` as bytes
 and decodes ``.npy``/``.json``/``.png``; :func:`read_ray_dataset` passes ``decoder=None`` and maps
-:func:`emo_data.schema.decode_sample` so both readers give the arrays our own reader gives.
+:func:`emo_data.shards.decode_sample` so both readers give the arrays our own reader gives.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import glob
 import os
 from typing import Any, Optional, Union
 
-from .schema import decode_sample, iter_raw_samples
+from .shards import decode_sample, iter_raw_samples
 
 # Members kept as raw bytes (no torchcodec): the clip and its audio.
 BYTES_MEMBERS = ("mp4", "wav")
@@ -77,7 +77,7 @@ def load_hf_dataset(corpus: Union[str, list[str]], split: str = "train", **kwarg
 
 def read_ray_dataset(corpus: Union[str, list[str]], split: Optional[str] = None, **kwargs):
     """``ray.data.read_webdataset`` over the shards, each row decoded by
-    :func:`emo_data.schema.decode_sample` (arrays, metadata dict, mp4 as bytes; never unpickles)."""
+    :func:`emo_data.shards.decode_sample` (arrays, metadata dict, mp4 as bytes; never unpickles)."""
     import ray.data
 
     return ray.data.read_webdataset(shard_files(corpus, split), decoder=None, **kwargs).map(_decode_row)

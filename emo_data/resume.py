@@ -4,8 +4,9 @@ A source is skipped only when everything that shaped its staged result is unchan
 file (size, mtime), the manifest fields that shape samples (``audio_stream``), the package and
 schema versions, and the config fields that shape samples (:func:`emo_data.staging.staged_config`).
 For the config, the reference is what the samples hold now: the staged parts' config while they
-exist, else the config in each sample's json in the final shards (so shards rewritten by
-``add-features`` or ``fit-buckets --apply`` count as built with the config they now carry).
+exist, else the config each sample in the final shards references (its ``config_sha256`` in its
+shard index, or the config inline in samples written before references), so shards rewritten by
+``add-features`` or ``fit-buckets --apply`` count as built with the config they now carry.
 A sealed source whose samples are gone (shards deleted by hand) is redone too.
 """
 from __future__ import annotations
@@ -59,7 +60,7 @@ def _config_reference(out_dir: str, source: Source, marker: dict[str, Any],
         path, entry = found
         if os.path.dirname(path) == parts_dir(out_dir, source.source_id):
             return stored_config, []  # staged since the last finalisation: made with the marker's config
-        in_shards.append(staged_config((entry.get("meta") or {}).get("config") or {}))
+        in_shards.append(staged_config(store.build_config(path, entry) or {}))
     if in_shards and any(c != in_shards[0] for c in in_shards):
         return stored_config, ["its samples in the final shards carry different configs"]
     return (in_shards[0] if in_shards else stored_config), []

@@ -1,4 +1,7 @@
-"""Per-clip assembly: a selected clip plus its head motion and audio features -> shard sample."""
+"""Per-clip assembly: a selected clip plus its head motion and audio features -> shard sample.
+
+The sample's json (:class:`emo_data.shards.SampleMeta`) references the build config by
+``config_sha256``; the config itself is stored once, in the shard index and ``build.json``."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -8,7 +11,7 @@ import numpy as np
 
 from . import __version__
 from .config import BuildConfig
-from .schema import SCHEMA_VERSION, encode_sample, wav_bytes
+from .shards import SPEED_BUCKET_FORMULA, SampleMeta, config_sha256, encode_sample, wav_bytes
 from .stage import Stage
 from .types import ClipCandidate, ClipSample
 
@@ -44,6 +47,7 @@ class SampleAssemblyStage(Stage[SampleInput, ClipSample]):
     def __init__(self, config: Optional[BuildConfig] = None):
         super().__init__()
         self.config = config or BuildConfig()
+        self.config_sha256 = config_sha256(self.config.to_dict())
 
     def process(self, item: SampleInput) -> ClipSample:
         clip = item.clip
@@ -51,45 +55,43 @@ class SampleAssemblyStage(Stage[SampleInput, ClipSample]):
         S = cfg.clip.crop_size
         T = clip.num_frames
         identity = clip.identity_embedding if clip.identity_embedding is not None else np.zeros(0, np.float32)
-        meta: dict[str, Any] = {
-            "schema_version": SCHEMA_VERSION,
-            "key": clip.key,
-            "source_id": clip.source.source_id,
-            "source_path": clip.source.path,
-            "kind": clip.source.kind,
-            "language": clip.source.language,
-            "licence": clip.source.licence,
-            "clip_index": clip.clip_index,
-            "start_s": round(clip.start_s, 6),
-            "end_s": round(clip.start_s + T / clip.fps, 6),
-            "fps": clip.fps,
-            "num_frames": T,
-            "sample_rate": clip.sample_rate,
-            "num_audio_samples": int(len(clip.audio)),
-            "crop_size": S,
-            "crop_box": [float(v) for v in clip.crop_box],
-            "source_size": list(clip.source_size),
-            "landmark_count": int(clip.landmarks.shape[1]),
-            "landmark_format": item.landmark_format,
-            "identity_dim": int(identity.shape[0]),
-            "identity": clip.source.identity,   # the manifest's id, or filled by the split step
-            "split": None,
-            "speed_buckets": {"centers": list(cfg.speed.centers), "radii": list(cfg.speed.radii), "formula": "tanh((w - c) / r * 3)"},
-            "head_speed_unit": "degrees per frame",
-            "head_speed_mean": float(np.mean(item.head_speed)) if T else 0.0,
-            "audio_emb": item.audio_emb_info if item.audio_emb is not None else None,
-            "face_backend": item.face_backend,
-            "speech_backend": item.speech_backend,
-            "scores": clip.scores,
+        meta = SampleMeta(
+            key=clip.key,
+            source_id=clip.source.source_id,
+            source_path=clip.source.path,
+            kind=clip.source.kind,
+            language=clip.source.language,
+            licence=clip.source.licence,
+            clip_index=clip.clip_index,
+            start_s=round(clip.start_s, 6),
+            end_s=round(clip.start_s + T / clip.fps, 6),
+            fps=clip.fps,
+            num_frames=T,
+            sample_rate=clip.sample_rate,
+            num_audio_samples=int(len(clip.audio)),
+            crop_size=S,
+            crop_box=[float(v) for v in clip.crop_box],
+            source_size=list(clip.source_size),
+            landmark_count=int(clip.landmarks.shape[1]),
+            landmark_format=item.landmark_format,
+            identity_dim=int(identity.shape[0]),
+            identity=clip.source.identity,   # the manifest's id, or filled by the split step
+            split=None,
+            speed_buckets={"centers": list(cfg.speed.centers), "radii": list(cfg.speed.radii), "formula": SPEED_BUCKET_FORMULA},
+            head_speed_mean=float(np.mean(item.head_speed)) if T else 0.0,
+            audio_emb=item.audio_emb_info if item.audio_emb is not None else None,
+            face_backend=item.face_backend,
+            speech_backend=item.speech_backend,
+            scores=clip.scores,
             # the lip-sync / frozen-face gate: backend, measured offset (> 0 = audio late), confidence,
             # the score curve over offsets, the decision and the shift applied to wav / audio_emb
-            "sync": clip.sync,
-            "quality": clip.quality or None,
-            "audio_source": clip.audio_source,   # what the gates and audio features heard: mix | vocals
-            "vocals": clip.vocals_info,
-            "emo_version": __version__,
-            "config": cfg.to_dict(),
-        }
+            sync=clip.sync,
+            quality=clip.quality or None,
+            audio_source=clip.audio_source,   # what the gates and audio features heard: mix | vocals
+            vocals=clip.vocals_info,
+            emo_version=__version__,
+            config_sha256=self.config_sha256,
+        )
         return ClipSample(
             key=clip.key,
             mp4=clip.mp4,

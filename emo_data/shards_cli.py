@@ -26,16 +26,26 @@ from typing import Any, Optional
 
 import numpy as np
 
-from . import schema
-from .inspect.access import (
-    find_entry,
-    load_index,
-    read_members,
-    resolve_shards,
-    safe_name,
-    sample_duration_s,
-    file_size,
-)
+from . import shards
+from .shards import SampleMeta, file_size, find_entry, list_shards, load_index, read_members
+
+
+def resolve_shards(specs) -> list[str]:
+    """Shard tars named by files, directories (every ``*.tar`` directly inside) or globs; a spec
+    that names none is an error."""
+    return list_shards(specs, must_match=True)
+
+
+def safe_name(name: str) -> bool:
+    """A key or member name that can become a path component (no traversal, no hidden files)."""
+    return bool(name) and "/" not in name and "\\" not in name and not name.startswith(".") and "\0" not in name
+
+
+def _duration_s(meta: Optional[dict[str, Any]]) -> float:
+    try:
+        return SampleMeta.from_dict(meta).duration_s if meta else 0.0
+    except (TypeError, ValueError):
+        return 0.0
 
 
 def _human_bytes(n: Optional[float]) -> str:
@@ -49,7 +59,7 @@ def _human_bytes(n: Optional[float]) -> str:
 
 
 def _print_json(obj: Any) -> None:
-    print(json.dumps(obj, indent=1, sort_keys=False, default=schema._json_default))  # noqa: SLF001
+    print(json.dumps(obj, indent=1, sort_keys=False, default=shards.json_default))
 
 
 # ----------------------------------------------------------------------------------- ls
@@ -58,7 +68,7 @@ def cmd_ls(args) -> int:
     for url in resolve_shards(args.shards):
         index = load_index(url)
         metas = [e.get("meta") or {} for e in index["samples"]]
-        secs = sum(sample_duration_s(m) for m in metas)
+        secs = sum(_duration_s(m) for m in metas)
         size = index.get("bytes") if isinstance(index.get("bytes"), int) else file_size(url)
         splits = sorted({str(m.get("split")) for m in metas if m.get("split")})
         rows.append({
@@ -135,10 +145,10 @@ def describe_member(name: str, data: bytes) -> dict[str, Any]:
     """dtype / shape / a short note for one member; never unpickles."""
     info: dict[str, Any] = {"member": name, "bytes": len(data)}
     try:
-        if ("." + name).endswith(schema.UNSAFE_EXTENSIONS):
+        if ("." + name).endswith(shards.UNSAFE_EXTENSIONS):
             info["note"] = "REFUSED: pickle-like member"
         elif name.endswith(".npy"):
-            a = schema.load_npy(data)
+            a = shards.load_npy(data)
             info.update(dtype=str(a.dtype), shape=list(a.shape))
             if a.size and a.dtype.kind in "fiu":
                 f = a.astype(np.float64)
@@ -148,12 +158,12 @@ def describe_member(name: str, data: bytes) -> dict[str, Any]:
             info.update(dtype=f"{m['codec']} {m['pix_fmt']}", shape=[m["frames"], m["height"], m["width"], 3])
             info["note"] = f"{m['fps']:g} fps, {m['seconds']:.2f} s" if m["fps"] else ""
         elif name == "wav":
-            samples, rate = schema.load_wav(data)
+            samples, rate = shards.load_wav(data)
             info.update(dtype="int16 PCM mono", shape=[int(len(samples))])
             peak = float(np.max(np.abs(samples))) if len(samples) else 0.0
             info["note"] = f"{rate} Hz, {len(samples) / rate:.3f} s, peak {peak:.3f}"
         elif name.endswith("png"):
-            img = schema.load_png(data)
+            img = shards.load_png(data)
             info.update(dtype=str(img.dtype), shape=list(img.shape))
             info["note"] = f"{100.0 * float((img > 0).mean()):.1f}% non-zero"
         elif name == "json" or name.endswith(".json"):
@@ -167,39 +177,41 @@ def describe_member(name: str, data: bytes) -> dict[str, Any]:
     return info
 
 
-def _load_one(args) -> tuple[str, dict[str, Any], dict[str, Any]]:
+def _load_one(args) -> tuple[str, dict[str, Any], dict[str, Any], dict[str, Any]]:
     url = resolve_shards([args.shard])[0]
     index = load_index(url)
     if args.key is None and args.index is None:
         args.index = 0
     entry = find_entry(index, key=args.key, position=args.index)
     raw = read_members(url, entry)
-    return url, entry, raw
+    return url, index, entry, raw
 
 
 def cmd_show(args) -> int:
-    url, entry, raw = _load_one(args)
+    url, index, entry, raw = _load_one(args)
     meta = None
     if "json" in raw:
         try:
             meta = json.loads(raw["json"].decode("utf-8"))
         except (UnicodeDecodeError, ValueError):
             meta = None
+    config = SampleMeta.from_dict(meta).build_config(index) if isinstance(meta, dict) else None
     members = [describe_member(name, raw[name]) for name in sorted(entry["members"], key=lambda m: entry["members"][m]["offset"])]
     if args.json:
-        _print_json({"shard": url, "key": entry["key"], "meta": meta, "members": members})
+        _print_json({"shard": url, "key": entry["key"], "meta": meta, "config": config, "members": members})
         return 0
     print(f"shard: {url}")
     print(f"key:   {entry['key']}")
     if meta is not None:
-        short = dict(meta)
-        config = short.pop("config", None)
+        short = {k: v for k, v in meta.items() if k != "config"}
         print("meta:")
         for k in sorted(short):
-            v = json.dumps(short[k], default=schema._json_default)  # noqa: SLF001
+            v = json.dumps(short[k], default=shards.json_default)
             print(f"  {k:<20} {v if len(v) <= 110 else v[:107] + '...'}")
         if config is not None:
-            print(f"  {'config':<20} (build config, {len(json.dumps(config))} bytes; --json shows it)")
+            where = "inline in the sample json" if "config" in meta else "in the shard index"
+            print(f"  {'(config)':<20} build config {config.get('_class')} v{config.get('_version')}, "
+                  f"{len(json.dumps(config))} bytes, {where}; --json shows it")
     print("members:")
     print(f"  {'member':<18} {'bytes':>10}  {'dtype':<18} {'shape':<20} note")
     for m in members:
@@ -215,7 +227,7 @@ def cmd_render(args) -> int:
     if not args.out and not args.video and not args.sync:
         print("render: give --out sheet.png, --video clip.mp4 and/or --sync sync.png", file=sys.stderr)
         return 2
-    url, entry, raw = _load_one(args)
+    url, _index, entry, raw = _load_one(args)
     d = render.decode_for_render(raw)
     if args.out:
         render.contact_sheet(d, args.out, n_frames=args.frames, shard=url, dpi=args.dpi)
@@ -236,7 +248,7 @@ def cmd_render(args) -> int:
 # ----------------------------------------------------------------------------- validate
 def _validate_one(url: str, decode_media: bool) -> tuple[str, int, list[tuple[str, str, str]], float]:
     t0 = time.perf_counter()
-    n, issues = schema.validate_shard(url, decode_media=decode_media)
+    n, issues = shards.validate_shard(url, decode_media=decode_media)
     return url, n, [(i.shard, i.key, i.reason) for i in issues], time.perf_counter() - t0
 
 
@@ -287,7 +299,7 @@ def cmd_sample(args) -> int:
         if not safe_name(key):
             print(f"skipping sample with unsafe key {key!r} in {url}", file=sys.stderr)
             continue
-        names = [m for m in entry["members"] if safe_name(m) and not ("." + m).endswith(schema.UNSAFE_EXTENSIONS)]
+        names = [m for m in entry["members"] if safe_name(m) and not ("." + m).endswith(shards.UNSAFE_EXTENSIONS)]
         for m in set(entry["members"]) - set(names):
             print(f"{url}\t{key}\trefusing member {m!r} (pickle-like or unsafe name)", file=sys.stderr)
         raw = read_members(url, entry, names)

@@ -34,6 +34,7 @@ from typing import Any, Iterable, Optional, Sequence
 import numpy as np
 
 from .config import SpeechConfig
+from .shards.contract import SAMPLE_RATE
 from .stage import Stage, StageError
 from .types import AudioTrack, SpeechSegment
 
@@ -46,7 +47,6 @@ __all__ = [
     "annotation_to_turns",
 ]
 
-SAMPLE_RATE = 16000
 BACKENDS = ("silero", "pyannote", "none")
 
 

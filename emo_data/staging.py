@@ -38,7 +38,8 @@ from typing import Any, Iterable, Optional
 import numpy as np
 
 from .fsio import write_json_atomic
-from .schema import StreamingTarWriter, encode_sample
+from .shards import SCHEMA_VERSION, StreamingTarWriter, as_stored_config, config_sha256, encode_sample
+from .shards.contract import sample_shaping_config
 from .types import ClipSample, Source
 
 STAGING_DIR = "staging"
@@ -72,11 +73,15 @@ def _write_json_atomic(path: str, payload: Any) -> None:
     write_json_atomic(path, payload, fsync=True, default=_numpy_as_json)
 
 
-def write_staged_sample(out_dir: str, source_id: str, sample: ClipSample, config_dict: Optional[dict] = None) -> str:
-    """Write one sample as ``staging/<source_id>/<key>.tar`` (temporary name, fsync, rename)."""
+def write_staged_sample(out_dir: str, source_id: str, sample: ClipSample, stored_config: Optional[dict] = None) -> str:
+    """Write one sample as ``staging/<source_id>/<key>.tar`` (temporary name, fsync, rename); its
+    index holds ``stored_config`` (``BuildConfig.to_stored()``) under the hash the sample names."""
     os.makedirs(parts_dir(out_dir, source_id), exist_ok=True)
     path = part_path(out_dir, source_id, sample.key)
-    writer = StreamingTarWriter(path, {"source_id": source_id, "config": config_dict or {}})
+    extra: dict[str, Any] = {"source_id": source_id}
+    if stored_config:
+        extra["configs"] = {config_sha256(stored_config): as_stored_config(stored_config)}
+    writer = StreamingTarWriter(path, extra)
     try:
         writer.write(sample.key, encode_sample(sample), sample.meta)
         writer.close()
@@ -188,24 +193,12 @@ def same_input(staged: Any, path: str) -> bool:
 
 
 # ----------------------------------------------------------------------------- fingerprints
-# Config sections that only finalisation reads: changing them re-finalises, never restages.
-FINALIZE_ONLY_SECTIONS = ("identity", "shards")
-# Fields that change how fast a source is processed, not one byte of what it gives.
-NON_SHAPING_FIELDS = {("decode", "threads")}
-
-
 def staged_config(config_dict: dict[str, Any]) -> dict[str, Any]:
     """The part of a ``BuildConfig.to_dict()`` that shapes staged samples (secrets are already
-    blank in it). Every section not listed as finalize-only counts, so a section added to
-    BuildConfig later is covered without touching this function."""
-    out: dict[str, Any] = {}
-    for section, values in sorted(config_dict.items()):
-        if section in FINALIZE_ONLY_SECTIONS:
-            continue
-        if isinstance(values, dict):
-            values = {k: v for k, v in values.items() if (section, k) not in NON_SHAPING_FIELDS}
-        out[section] = values
-    return out
+    blank in it): :func:`emo_data.shards.contract.sample_shaping_config`, the part a sample's
+    ``config_sha256`` covers. Sections used only by finalisation (``identity``, ``shards``) and
+    fields that do not change a byte (``decode.threads``) are left out."""
+    return sample_shaping_config(config_dict)
 
 
 def file_fingerprint(path: str) -> dict[str, Any]:
@@ -228,7 +221,6 @@ def file_fingerprint(path: str) -> dict[str, Any]:
 def source_fingerprint(source: Source, config_dict: dict[str, Any]) -> dict[str, Any]:
     """Everything a staged source was made from (see the module docstring)."""
     from . import __version__
-    from .schema import SCHEMA_VERSION
 
     return {
         "path": source.path,

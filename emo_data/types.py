@@ -7,6 +7,8 @@ from typing import Any, Optional
 
 import numpy as np
 
+from .shards.contract import SampleMeta
+
 
 def make_source_id(path: str) -> str:
     """A WebDataset-safe id from a file path: no dots (WebDataset splits keys on them)."""
@@ -170,6 +172,6 @@ class ClipSample:
     head_speed: np.ndarray         # [T] float32, degrees per frame
     speed_buckets: np.ndarray      # [T, d] float32
     identity_emb: np.ndarray       # [E] float32
-    meta: dict[str, Any]
+    meta: SampleMeta               # the json member
     audio_emb: Optional[np.ndarray] = None  # [T, L, D] float16
     head_pose_raw: Optional[np.ndarray] = None  # [T, 6] float32 per-frame pose before smoothing

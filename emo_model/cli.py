@@ -71,7 +71,7 @@ def main(argv=None) -> int:
         if not os.path.exists(path):
             build_parser().error(f"{path}: no such file")
 
-    from .media import write_mp4
+    from .media import SAMPLE_RATE, write_mp4
     from .pipeline import EMOPipeline
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -114,7 +114,7 @@ def main(argv=None) -> int:
     )
     elapsed = time.perf_counter() - t0
     n = len(out.frames)
-    audio_out = out.audio[: int(round(n / args.fps * 16000))] if max_frames else out.audio
+    audio_out = out.audio[: int(round(n / args.fps * SAMPLE_RATE))] if max_frames else out.audio
     write_mp4(args.out, out.frames, fps=args.fps, audio=audio_out)
     print(
         f"{args.out}: {n} frames ({n / args.fps:.2f} s at {args.fps:g} fps), {out.frames.shape[2]}x{out.frames.shape[1]}, "

@@ -19,27 +19,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# EMO does not publish d, c_i, r_i; these are the data side's defaults (emo_data.config.SpeedConfig).
-DEFAULT_SPEED_CENTERS = (0.0, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5, 2.5)
-DEFAULT_SPEED_RADII = (0.05, 0.05, 0.075, 0.1, 0.125, 0.2, 0.25, 0.4, 0.75)
-
-
-def speed_bucket_encoding(
-    speed,
-    centers: Sequence[float] = DEFAULT_SPEED_CENTERS,
-    radii: Sequence[float] = DEFAULT_SPEED_RADII,
-) -> np.ndarray:
-    """Bucket encoding of head rotation speed(s) w (degrees per frame): s_i = tanh((w - c_i) / r_i * 3).
-
-    ``speed`` may be a scalar (returns ``[d]``) or an array ``[T]`` (returns ``[T, d]``), float32.
-    """
-    c = np.asarray(centers, dtype=np.float64)
-    r = np.asarray(radii, dtype=np.float64)
-    if c.shape != r.shape:
-        raise ValueError(f"{len(c)} centers but {len(r)} radii")
-    w = np.asarray(speed, dtype=np.float64)
-    out = np.tanh((w[..., None] - c) / r * 3.0)
-    return out.astype(np.float32)
+# The encoder and its defaults are the shard contract's (EMO publishes neither d nor c_i, r_i):
+# s_i = tanh((w - c_i) / r_i * 3) of the head rotation speed w in degrees per frame; a scalar speed
+# gives [d], [T] gives [T, d], float32.
+from emo_data.shards.contract import (  # noqa: F401 - re-exported
+    DEFAULT_SPEED_CENTERS,
+    DEFAULT_SPEED_RADII,
+    speed_bucket_encoding,
+)
 
 
 def constant_speed_buckets(speed: float, num_frames: int, **kwargs) -> np.ndarray:

@@ -6,11 +6,10 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from emo_data.media import write_mp4  # noqa: F401 - re-exported: the pipeline writes its mp4 with it
+from emo_data.shards.codecs import write_mp4  # noqa: F401 - re-exported: the pipeline writes its mp4 with it
+from emo_data.shards.contract import CROP_SCALE, SAMPLE_RATE
 
 logger = logging.getLogger(__name__)
-
-SAMPLE_RATE = 16000
 
 
 def load_audio(path: str, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
@@ -49,9 +48,9 @@ def load_image(image) -> np.ndarray:
     return np.asarray(image.convert("RGB"))
 
 
-def square_crop_box(shape: Sequence[int], face_box=None, scale: float = 1.8) -> tuple[int, int, int]:
+def square_crop_box(shape: Sequence[int], face_box=None, scale: float = CROP_SCALE) -> tuple[int, int, int]:
     """(x0, y0, side) of the square crop: centred on ``face_box`` with side ``scale`` x its long
-    side (the data side's ``ClipConfig.crop_scale``), else the centred largest square; clipped to the image."""
+    side (the shard contract's ``CROP_SCALE``, the data side's crop), else the centred largest square; clipped to the image."""
     h, w = shape[:2]
     if face_box is None:
         side = min(h, w)

@@ -19,7 +19,7 @@ from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 
 from .conditioning import constant_speed_buckets, mask_from_box, window_frames
-from .media import SAMPLE_RATE, crop_resize, detect_face_box, load_audio, load_image, square_crop_box
+from .media import CROP_SCALE, SAMPLE_RATE, crop_resize, detect_face_box, load_audio, load_image, square_crop_box
 
 logger = logging.getLogger(__name__)
 
@@ -117,8 +117,8 @@ class EMOPipeline(DiffusionPipeline):
         return mask_from_box((cx - hw, cy - hh, cx + hw, cy + hh), size)
 
     @staticmethod
-    def default_face_box(size: int, crop_scale: float = 1.8) -> tuple:
-        """Centred box of side S / 1.8 (the data side's crops are 1.8 x the face box)."""
+    def default_face_box(size: int, crop_scale: float = CROP_SCALE) -> tuple:
+        """Centred box of side S / crop_scale (the data side's crops are CROP_SCALE x the face box)."""
         side = size / crop_scale
         lo = (size - side) / 2
         return (lo, lo, lo + side, lo + side)
@@ -170,7 +170,7 @@ class EMOPipeline(DiffusionPipeline):
             speed: constant target head speed (deg/frame; paper: 0.1-1.0 speech, 1.0-1.3 singing).
             face_mask: uint8/float [S, S] mask (overrides detection); all ones = no face guidance.
             face_box: x0, y0, x1, y1 in the *input image's* pixels (else detected, else a centred default).
-            crop: "center" (largest centred square) or "face" (square of 1.8 x the face box, like the data side).
+            crop: "center" (largest centred square) or "face" (square of CROP_SCALE x the face box, like the data side).
             max_frames: cap on generated frames (default: cover the audio).
         """
         device = self._execution_device

@@ -39,6 +39,16 @@ import numpy as np
 import torch
 
 from emo_data.latents import resize_frames  # noqa: F401 - the one resize for latents and decoded frames
+from emo_data.shards import (
+    DEFAULT_FPS,
+    SCHEMA_VERSION,
+    SampleMeta,
+    list_shards,
+    load_npy,
+    load_png,
+    load_wav,
+    read_index,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -56,18 +66,21 @@ class SampleRef:
     shard: str
     key: str
     members: dict  # member name -> (offset, size) in the tar
-    meta: dict
+    meta: SampleMeta
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.meta, SampleMeta):
+            self.meta = SampleMeta.from_dict(self.meta or {})
 
     @property
     def num_frames(self) -> int:
-        return int(self.meta.get("num_frames") or 0)
+        return int(self.meta.num_frames or 0)
 
 
 # ----------------------------------------------------------------------------- catalog
 def expand_shards(specs: Sequence[str]) -> list[str]:
     """Brace patterns, files, directories (their ``*.tar``) and globs -> shard paths / URLs."""
     import braceexpand
-    from emo_data.schema import list_shards
 
     expanded = [u for s in specs for u in braceexpand.braceexpand(str(s))]
     return list_shards(expanded)
@@ -75,8 +88,6 @@ def expand_shards(specs: Sequence[str]) -> list[str]:
 
 def load_catalog(shards: Sequence[str]) -> list[SampleRef]:
     """Every sample of ``shards`` from their ``.index.json`` sidecars (metadata + byte ranges)."""
-    from emo_data.schema import read_index
-
     refs: list[SampleRef] = []
     for shard in shards:
         index = read_index(shard)
@@ -86,10 +97,11 @@ def load_catalog(shards: Sequence[str]) -> list[SampleRef]:
             raise DataContractError(
                 f"shard {shard} has no index ({os.path.basename(shard)[:-4]}.index.json): training reads member byte "
                 "ranges and metadata from it; every shard written by emo-data has one (rewrite foreign shards with "
-                "emo_data.schema.write_tar)")
+                "emo_data.shards.write_tar)")
         for entry in index.get("samples", []):
             members = {name: (int(loc["offset"]), int(loc["size"])) for name, loc in entry["members"].items()}
-            refs.append(SampleRef(shard=shard, key=entry["key"], members=members, meta=entry.get("meta") or {}))
+            refs.append(SampleRef(shard=shard, key=entry["key"], members=members,
+                                  meta=SampleMeta.from_dict(entry.get("meta") or {})))
     return refs
 
 
@@ -119,28 +131,25 @@ def check_contract(refs: list, model_config, stage: str, resolution: int, use_la
                    vae_fingerprint: Optional[str] = None) -> ContractReport:
     """Check the shards' metadata against the model; raise :class:`DataContractError` saying what to do.
 
-    * ``schema_version`` of every sample == :data:`emo_data.schema.SCHEMA_VERSION`;
+    * ``schema_version`` of every sample == :data:`emo_data.shards.SCHEMA_VERSION`;
     * one set of speed-bucket centres/radii across all samples, with ``model_config.speed_buckets`` entries;
     * stages video/speed: ``audio_emb`` layers x dims == ``audio_layers`` x ``audio_feature_dim``;
       samples without audio features or shorter than n + f frames are skipped (counted);
     * latents (``use_latents`` auto/yes): resolution == ``resolution``, channels == ``in_channels``,
       and the VAE that encoded them == the training VAE (``vae_fingerprint``) when both are known.
     """
-    from emo_data.schema import SCHEMA_VERSION
-
     if not refs:
         raise DataContractError("no samples in the shards")
-    bad_version = [r for r in refs if r.meta.get("schema_version") != SCHEMA_VERSION]
+    bad_version = [r for r in refs if r.meta.schema_version != SCHEMA_VERSION]
     if bad_version:
-        versions = sorted({str(r.meta.get("schema_version")) for r in bad_version})
+        versions = sorted({str(r.meta.schema_version) for r in bad_version})
         raise DataContractError(
             f"{len(bad_version)} samples have schema_version {', '.join(versions)} (e.g. {_example(bad_version)}); "
             f"this trainer reads schema_version {SCHEMA_VERSION}: rebuild those shards with this emo-data")
 
     buckets = Counter()
     for r in refs:
-        sb = r.meta.get("speed_buckets") or {}
-        buckets[(tuple(float(c) for c in sb.get("centers") or ()), tuple(float(c) for c in sb.get("radii") or ()))] += 1
+        buckets[(tuple(r.meta.speed_centers), tuple(r.meta.speed_radii))] += 1
     if len(buckets) > 1:
         listing = "; ".join(f"{n} samples with centres {list(c)}" for (c, _), n in buckets.most_common(4))
         raise DataContractError(
@@ -163,13 +172,13 @@ def check_contract(refs: list, model_config, stage: str, resolution: int, use_la
         usable = [r for r in refs if r.num_frames >= 1]
         skipped["without frames"] = len(refs) - len(usable)
     else:
-        with_audio = [r for r in refs if "audio_emb.npy" in r.members and r.meta.get("audio_emb")]
+        with_audio = [r for r in refs if "audio_emb.npy" in r.members and r.meta.audio_emb]
         skipped["without audio_emb.npy"] = len(refs) - len(with_audio)
         L, D = int(model_config.audio_layers), int(model_config.audio_feature_dim)
         wrong = [r for r in with_audio
-                 if (int(r.meta["audio_emb"].get("num_layers", -1)), int(r.meta["audio_emb"].get("dim", -1))) != (L, D)]
+                 if (int(r.meta.audio_emb.get("num_layers", -1)), int(r.meta.audio_emb.get("dim", -1))) != (L, D)]
         if wrong:
-            got = wrong[0].meta["audio_emb"]
+            got = wrong[0].meta.audio_emb
             raise DataContractError(
                 f"{len(wrong)} samples have audio features of {got.get('num_layers')} layers x {got.get('dim')} dims "
                 f"(encoder {got.get('encoder')!r}, e.g. {_example(wrong)}), the model expects audio_layers={L} x "
@@ -178,7 +187,7 @@ def check_contract(refs: list, model_config, stage: str, resolution: int, use_la
         usable = [r for r in with_audio if r.num_frames >= span]
         skipped[f"shorter than {span} frames"] = len(with_audio) - len(usable)
         if with_audio:
-            a = with_audio[0].meta["audio_emb"]
+            a = with_audio[0].meta.audio_emb
             audio = {"num_layers": L, "dim": D, "encoder": a.get("encoder")}
     skipped = Counter({k: v for k, v in skipped.items() if v})
     if not usable:
@@ -189,13 +198,13 @@ def check_contract(refs: list, model_config, stage: str, resolution: int, use_la
 
     latents_meta = None
     want = use_latents
-    with_latents = [r for r in usable if LATENTS_MEMBER in r.members and r.meta.get("latents")]
-    fits = [r for r in with_latents if int(r.meta["latents"].get("resolution", -1)) == int(resolution)
-            and int(r.meta["latents"].get("channels", -1)) == int(model_config.in_channels)]
+    with_latents = [r for r in usable if LATENTS_MEMBER in r.members and r.meta.latents]
+    fits = [r for r in with_latents if int(r.meta.latents.get("resolution", -1)) == int(resolution)
+            and int(r.meta.latents.get("channels", -1)) == int(model_config.in_channels)]
     if want == "yes":
         if len(fits) != len(usable):
             missing = [r for r in usable if r not in fits]
-            have = sorted({int(r.meta["latents"].get("resolution", -1)) for r in with_latents})
+            have = sorted({int(r.meta.latents.get("resolution", -1)) for r in with_latents})
             raise DataContractError(
                 f"--use-latents yes, but {len(missing)} of {len(usable)} samples lack latents.npy at resolution {resolution} "
                 f"(latents found at {have or 'no'} resolution; e.g. {_example(missing)}): run "
@@ -205,15 +214,15 @@ def check_contract(refs: list, model_config, stage: str, resolution: int, use_la
         logger.warning("latents.npy present in %d of %d usable samples at resolution %s: decoding video instead",
                        len(fits), len(usable), resolution)
     if use:
-        fingerprints = {r.meta["latents"].get("vae_fingerprint") for r in fits}
+        fingerprints = {r.meta.latents.get("vae_fingerprint") for r in fits}
         if vae_fingerprint and fingerprints - {vae_fingerprint, None}:
             raise DataContractError(
                 f"the latents were encoded by another VAE (fingerprints {sorted(f for f in fingerprints if f)}) than the "
                 f"training VAE ({vae_fingerprint}): rerun emo-data add-latents with this VAE or use --use-latents no")
-        scaling = {float(r.meta["latents"].get("scaling_factor", 0)) for r in fits}
+        scaling = {float(r.meta.latents.get("scaling_factor", 0)) for r in fits}
         if len(scaling) != 1:
             raise DataContractError(f"latents with different VAE scaling factors {sorted(scaling)}: re-encode them with one VAE")
-        latents_meta = dict(fits[0].meta["latents"])
+        latents_meta = dict(fits[0].meta.latents)
     return ContractReport(usable=usable, skipped=skipped, speed_centers=list(centers), speed_radii=list(radii),
                           audio=audio, use_latents=use, latents=latents_meta)
 
@@ -255,8 +264,6 @@ class MemberReader:
         return data
 
     def npy(self, ref: SampleRef, member: str) -> np.ndarray:
-        from emo_data.schema import load_npy
-
         return load_npy(self.read(ref, member))
 
     def npy_rows(self, ref: SampleRef, member: str, rows: Sequence[int]) -> np.ndarray:
@@ -376,8 +383,6 @@ class ItemMaker:
         return int(rng.integers(total - span + 1)), int(rng.integers(total))
 
     def __call__(self, ref: SampleRef, rng: np.random.Generator, reader: MemberReader) -> dict:
-        from emo_data.schema import load_png
-
         total = ref.num_frames
         a, r = self.choose(total, rng)
         span = self.num_motion_frames + self.num_frames
@@ -388,7 +393,7 @@ class ItemMaker:
             item["reference_latents"] = lat[-1]
             item["target_latents" if self.stage == "image" else "frame_latents"] = lat[:-1]
         else:
-            fps = float(ref.meta.get("fps") or 25.0)
+            fps = float(ref.meta.fps or DEFAULT_FPS)
             pix = resize_frames(decode_frames(reader.read(ref, "mp4"), frame_ids + [r], fps), self.size)
             pix = torch.from_numpy(np.ascontiguousarray(pix)).permute(0, 3, 1, 2).contiguous()  # uint8 [N, 3, S, S]
             item["reference"] = pix[-1]
@@ -602,8 +607,6 @@ def load_validation_samples(refs: Sequence[SampleRef], count: int, num_frames: i
     ``{key, reference (frame 0, uint8 [S, S, 3]), frames (ground truth [F, S, S, 3]), audio (float32
     16 kHz of those frames), mask ([S, S] uint8), face_box (frame 0, in S pixels), speed (mean
     head speed), fps}``: the same held-out samples at every validation."""
-    from emo_data.schema import load_png, load_wav
-
     reader = MemberReader()
     out = []
     try:
@@ -612,7 +615,7 @@ def load_validation_samples(refs: Sequence[SampleRef], count: int, num_frames: i
                 break
             if ref.num_frames < 1:
                 continue
-            fps = float(ref.meta.get("fps") or 25.0)
+            fps = float(ref.meta.fps or DEFAULT_FPS)
             n = min(num_frames, ref.num_frames)
             frames = decode_frames(reader.read(ref, "mp4"), list(range(n)), fps)
             src = frames.shape[1]
@@ -623,7 +626,7 @@ def load_validation_samples(refs: Sequence[SampleRef], count: int, num_frames: i
                 "reference": resize_frames(frames[:1], size)[0], "frames": resize_frames(frames, size),
                 "audio": samples[: int(round(n / fps * rate))].astype(np.float32),
                 "mask": resize_mask(load_png(reader.read(ref, "face_mask.png")), size),
-                "face_box": box, "speed": float(ref.meta.get("head_speed_mean") or 0.5),
+                "face_box": box, "speed": float(ref.meta.head_speed_mean or 0.5),
             })
     finally:
         reader.close()

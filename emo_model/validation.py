@@ -67,7 +67,7 @@ def run_validation(pipe, samples: list[dict], out_dir: str, *, num_frames: int, 
     """Generate, write mp4s + ``contact_sheet.png`` into ``out_dir``; returns their paths and the sheet."""
     from PIL import Image
 
-    from .media import write_mp4
+    from .media import SAMPLE_RATE, write_mp4
 
     os.makedirs(out_dir, exist_ok=True)
     rows, videos = [], []
@@ -82,7 +82,7 @@ def run_validation(pipe, samples: list[dict], out_dir: str, *, num_frames: int, 
             )
         path = os.path.join(out_dir, f"{sample['key']}.mp4")
         n = len(result.frames)
-        write_mp4(path, result.frames, fps=sample["fps"], audio=sample["audio"][: int(round(n / sample["fps"] * 16000))])
+        write_mp4(path, result.frames, fps=sample["fps"], audio=sample["audio"][: int(round(n / sample["fps"] * SAMPLE_RATE))])
         videos.append(path)
         rows.append((sample["key"], sample["reference"], sample["mask"], sample["frames"], result.frames))
     sheet = contact_sheet(rows)

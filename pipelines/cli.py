@@ -176,7 +176,7 @@ def cmd_add_features(args) -> int:
     import numpy as np
 
     from emo_data.audio_features import AudioFeatureInput, AudioFeatureStage, check_audio_encoder
-    from emo_data.schema import list_shards, load_wav, npy_bytes, rewrite_shard
+    from emo_data.shards import SampleMeta, list_shards, load_wav, npy_bytes, rewrite_shard
 
     config = _load_config(args)
     config.audio_features.enabled = True
@@ -196,29 +196,30 @@ def cmd_add_features(args) -> int:
     total = 0
     for shard in tqdm(shards, unit="shard", disable=args.quiet):
         def transform(raw):
-            meta = json.loads(raw["json"].decode("utf-8"))
+            meta = SampleMeta.from_json(raw["json"])
             samples, _rate = load_wav(raw["wav"])
-            emb = stage(AudioFeatureInput(samples.astype(np.float32), meta["num_frames"], meta["fps"]))
+            emb = stage(AudioFeatureInput(samples.astype(np.float32), meta.num_frames, meta.fps))
             raw["audio_emb.npy"] = npy_bytes(emb.astype(np.float16))
-            meta["audio_emb"] = {
+            meta.audio_emb = {
                 "encoder": stage.model_id,
                 "layers": config.audio_features.layers,
                 "num_layers": int(emb.shape[1]),
                 "dim": int(emb.shape[2]),
                 "rate": "resampled from 50 Hz to the video frames",
             }
-            meta["config"]["audio_features"] = config.audio_features.to_dict()
-            raw["json"] = json.dumps(meta, sort_keys=True).encode("utf-8")
+            raw["json"] = meta.to_json()
             return raw
 
-        total += rewrite_shard(shard, transform)
+        # the samples' build config now says these audio features (its hash follows)
+        total += rewrite_shard(shard, transform,
+                               update_config=lambda stored: {**stored, "audio_features": config.audio_features.to_dict()})
     print(f"added audio features ({stage.model_id}) to {total} samples in {len(shards)} shards")
     return 0
 
 
 def cmd_add_latents(args) -> int:
     from emo_data.latents import add_latents
-    from emo_data.schema import list_shards
+    from emo_data.shards import list_shards
 
     shards = list_shards(args.shards)
     if not shards:
@@ -236,16 +237,25 @@ def cmd_add_latents(args) -> int:
 def cmd_fit_buckets(args) -> int:
     import numpy as np
 
-    from emo_data.pose import fit_bucket_centers, speed_buckets
-    from emo_data.schema import list_shards, load_npy, npy_bytes, read_sample, read_index, rewrite_shard
+    from emo_data.pose import fit_bucket_centers
+    from emo_data.shards import (
+        SPEED_BUCKET_FORMULA,
+        SampleMeta,
+        list_shards,
+        load_npy,
+        npy_bytes,
+        read_index,
+        read_members,
+        rewrite_shard,
+        speed_bucket_encoding,
+    )
 
     shards = list_shards(args.shards)
     speeds = []
     for shard in shards:
         index = read_index(shard)
         for entry in index["samples"] if index else []:
-            raw = read_sample(shard, key=entry["key"])
-            speeds.append(load_npy(raw["head_speed.npy"]))
+            speeds.append(load_npy(read_members(shard, entry, ["head_speed.npy"])["head_speed.npy"]))
     if not speeds:
         print("emo-data fit-buckets: no samples found", file=sys.stderr)
         return 2
@@ -263,18 +273,21 @@ def cmd_fit_buckets(args) -> int:
             json.dump({"speed": config.speed.to_dict()}, fh, indent=1)
         print(f"wrote {args.write_config} (use with emo-data build --config)")
     if args.apply:
-        for shard in shards:
-            def transform(raw):
-                meta = json.loads(raw["json"].decode("utf-8"))
-                speed = load_npy(raw["head_speed.npy"])
-                raw["speed_buckets.npy"] = npy_bytes(speed_buckets(speed, centers, radii).astype(np.float32))
-                meta["speed_buckets"] = {"centers": [float(c) for c in centers], "radii": [float(r) for r in radii], "formula": "tanh((w - c) / r * 3)"}
-                meta["config"]["speed"]["centers"] = meta["speed_buckets"]["centers"]
-                meta["config"]["speed"]["radii"] = meta["speed_buckets"]["radii"]
-                raw["json"] = json.dumps(meta, sort_keys=True).encode("utf-8")
-                return raw
+        fitted = {"centers": [float(c) for c in centers], "radii": [float(r) for r in radii]}
 
-            rewrite_shard(shard, transform)
+        def transform(raw):
+            meta = SampleMeta.from_json(raw["json"])
+            speed = load_npy(raw["head_speed.npy"])
+            raw["speed_buckets.npy"] = npy_bytes(speed_bucket_encoding(speed, centers, radii))
+            meta.speed_buckets = {**fitted, "formula": SPEED_BUCKET_FORMULA}
+            raw["json"] = meta.to_json()
+            return raw
+
+        def refit(stored):  # the samples' build config now says these buckets (its hash follows)
+            return {**stored, "speed": {**(stored.get("speed") or {}), **fitted}}
+
+        for shard in shards:
+            rewrite_shard(shard, transform, update_config=refit)
         print(f"recomputed speed_buckets.npy in {len(shards)} shards")
     return 0
 

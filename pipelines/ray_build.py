@@ -440,7 +440,7 @@ def build_corpus_ray(
                               processed=[s.source_id for s in todo], resplit=resplit)
     if not summary.unchanged:
         note_executor(out_dir, {"executor": "ray", "address": address or "embedded", "workers": executor.workers,
-                                "plan": asdict(plan) if plan else None, "executor_config": executor.to_dict(),
+                                "plan": asdict(plan) if plan else None, "executor_config": executor.to_stored(),
                                 "rounds": rounds, "stalled": stalled, "processed": len(todo),
                                 "skipped": len(sources) - len(todo), "sources": timeline})
     return BuildResult(summary=summary, out_dir=out_dir, processed=len(todo), skipped=len(sources) - len(todo), plan=resume)

@@ -2,8 +2,10 @@
 
 ``make_shard`` decodes frames of a real 512x512 25 fps talking-head clip, finds the face once per
 frame with OpenCV's Haar cascade, and fills every member with the dtypes and shapes that
-:func:`emo_data.schema.validate_sample` checks; pose, speeds and speed buckets are synthetic but
-mutually consistent (buckets = tanh((w - c) / r * 3) with the default SpeedConfig).
+:func:`emo_data.shards.validate_sample` checks; pose, speeds and speed buckets are synthetic but
+mutually consistent (the contract's bucket encoder with the default SpeedConfig). Samples reference
+:func:`fixture_config` by ``config_sha256``; shards written with :func:`fixture_index` hold it, as
+a real build's do.
 """
 from __future__ import annotations
 
@@ -17,15 +19,18 @@ from typing import Any, Optional
 
 import numpy as np
 
-from emo_data.config import SpeedConfig
-from emo_data.schema import (
+from emo_data.config import BuildConfig, SpeedConfig
+from emo_data.shards import (
     ALL_MEMBERS,
     INDEX_SUFFIX,
+    SAMPLE_META_VERSION,
     SCHEMA_VERSION,
+    config_sha256,
     encode_mp4,
     index_path_for,
     npy_bytes,
     png_bytes,
+    speed_bucket_encoding,
     wav_bytes,
     write_tar,
 )
@@ -113,9 +118,20 @@ def _template68() -> np.ndarray:
 
 def speed_buckets(speed: np.ndarray, config: Optional[SpeedConfig] = None) -> np.ndarray:
     cfg = config or SpeedConfig()
-    c = np.asarray(cfg.centers, np.float32)[None, :]
-    r = np.asarray(cfg.radii, np.float32)[None, :]
-    return np.tanh((speed[:, None] - c) / r * 3.0).astype(np.float32)
+    return speed_bucket_encoding(speed, cfg.centers, cfg.radii)
+
+
+def fixture_config(crop_size: int) -> dict[str, Any]:
+    """The stored build config fixture samples of side ``crop_size`` reference: the defaults."""
+    config = BuildConfig()
+    config.clip.crop_size = crop_size
+    return config.to_stored()
+
+
+def fixture_index(crop_size: int) -> dict[str, Any]:
+    """Index keys of a shard of fixture samples: the config they reference, under its hash."""
+    stored = fixture_config(crop_size)
+    return {"configs": {config_sha256(stored): stored}}
 
 
 def make_sample(
@@ -175,6 +191,7 @@ def make_sample(
     cfg = SpeedConfig()
     meta: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
+        "meta_version": SAMPLE_META_VERSION,
         "key": key,
         "source_id": source_id,
         "source_path": SAMPLE_VIDEO,
@@ -198,7 +215,7 @@ def make_sample(
         "source_size": [S, S],
         "head_speed_unit": "degrees per frame",
         "head_speed_mean": float(speed.mean()),
-        "config": {"clip": {"crop_scale": 1.8, "crop_size": S}},
+        "config_sha256": config_sha256(fixture_config(S)),
     }
     members = {
         "mp4": encode_mp4(clip, FPS),
@@ -239,7 +256,7 @@ def make_shard(
                     identity=identity, split=split, seed=seed)
         for i in range(n_samples)
     ]
-    write_tar(path, samples)
+    write_tar(path, samples, extra_index=fixture_index(samples[0][2]["crop_size"]))
     return path
 
 
@@ -313,5 +330,5 @@ def replace_member(path: str, key: str, member: str, data: bytes) -> None:
 
 __all__ = [
     "ALL_MEMBERS", "INDEX_SUFFIX", "make_sample", "make_shard", "truncate_shard", "flip_bit",
-    "drop_member", "replace_member", "load_index", "save_index", "speed_buckets",
+    "drop_member", "replace_member", "load_index", "save_index", "speed_buckets", "fixture_config", "fixture_index",
 ]

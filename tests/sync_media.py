@@ -3,7 +3,7 @@
 Everything is generated from ``../shared/samples`` into a temporary folder: the same talking
 head with its voice shifted, another speaker's voice, a still photo or a frozen frame over
 speech. Video is re-encoded (H.264, 25 fps) and audio written as 16 kHz mono AAC with
-:func:`emo_data.media.write_mp4`.
+:func:`emo_data.shards.write_mp4`.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import Optional
 import numpy as np
 
 from emo_data.decode import AudioDecodeStage, iter_frames
-from emo_data.media import write_mp4
+from emo_data.shards import write_mp4
 from emo_data.types import Source
 
 SR = 16000

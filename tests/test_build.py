@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from conftest import REPO, sample
-from emo_data.schema import decode_sample, iter_raw_samples, load_wav, validate_shard
+from emo_data.shards import SampleMeta, config_sha256, decode_sample, iter_raw_samples, read_index, validate_shard
 
 TALKING_HEADS = [
     "sadtalker__WDA_AlexandriaOcasioCortez_000",
@@ -134,12 +134,19 @@ def test_every_shard_validates_and_members_agree(built_corpus):
         total += count
         assert (shard.parent / (shard.name[:-4] + ".stats.json")).exists()
     assert total >= len(TALKING_HEADS)
-    raw = decode_sample(next(iter(_samples(built_corpus).values())))
+    first = next(iter(_samples(built_corpus).values()))
+    raw = decode_sample(first)
     T = raw["json"]["num_frames"]
     assert raw["landmarks.npy"].shape == (T, 68, 2)
     assert raw["speed_buckets.npy"].shape == (T, 9)
     assert raw["head_speed.npy"].shape == (T,)
-    assert raw["json"]["config"]["audio_features"]["encoder"]
+    # the config is stored once, in the shard index (and build.json); the sample references it
+    assert "config" not in raw["json"]
+    stored = SampleMeta.from_dict(raw["json"]).build_config(read_index(first["__shard__"]))
+    assert stored["_class"] == "BuildConfig" and stored["audio_features"]["encoder"]
+    assert config_sha256(stored) == raw["json"]["config_sha256"]
+    build = json.loads((built_corpus / "build.json").read_text())
+    assert build["config"] == stored and build["config_sha256"] == raw["json"]["config_sha256"]
     mask = raw["face_mask.png"] > 0
     boxes = raw["face_boxes.npy"]
     # the mask is the union of the boxes: every box centre lies inside it, and it is not the whole frame

@@ -7,9 +7,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import REPO, sample
+from conftest import sample
 from emo_data.identity import assign_identities, cluster_embeddings, split_identities
-from emo_data.schema import decode_sample, iter_raw_samples, validate_shard
+from emo_data.shards import SampleMeta, config_sha256, decode_sample, iter_raw_samples, read_index, validate_shard
+
+
+def _configs(shard: str) -> tuple[dict, set]:
+    """The shard index's stored configs and the config_sha256 every sample names."""
+    return read_index(shard)["configs"], {SampleMeta.from_json(r["json"]).config_sha256 for r in iter_raw_samples(shard)}
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +39,16 @@ def test_build_without_features_then_add_them(featureless_corpus, tiny_wav2vec):
     shard = str(featureless_corpus / "train-000000.tar")
     raw = next(iter_raw_samples(shard))
     assert "audio_emb.npy" not in raw and json.loads(raw["json"])["audio_emb"] is None
+    (before_ref,) = _configs(shard)[1]
+    assert _configs(shard)[0][before_ref]["audio_features"]["enabled"] is False
     assert main(["add-features", str(featureless_corpus), "--audio-encoder", tiny_wav2vec, "-q"]) == 0
     assert validate_shard(shard)[1] == []
+    # the samples now reference a config that says so: a new hash, the index holds it (and only it)
+    configs, refs = _configs(shard)
+    assert len(refs) == 1 and refs != {before_ref} and set(configs) == refs
+    (after_ref,) = refs
+    assert configs[after_ref]["audio_features"]["enabled"] is True and configs[after_ref]["audio_features"]["encoder"] == tiny_wav2vec
+    assert config_sha256(configs[after_ref]) == after_ref
     for raw in iter_raw_samples(shard):
         sample_ = decode_sample(raw)
         T = sample_["json"]["num_frames"]
@@ -62,6 +75,12 @@ def test_fit_buckets_rewrites_buckets_from_raw_speeds(featureless_corpus, tmp_pa
     # the centres sit inside the corpus's speed range
     speeds = np.concatenate([decode_sample(r)["head_speed.npy"] for r in iter_raw_samples(shard)])
     assert speeds.min() <= fitted["centers"][0] and fitted["centers"][-1] <= speeds.max()
+    # the build config the samples reference says these buckets too
+    configs, refs = _configs(shard)
+    assert set(configs) == refs and len(refs) == 1
+    stored = configs[next(iter(refs))]
+    assert stored["speed"]["centers"] == pytest.approx(fitted["centers"]) and stored["speed"]["radii"] == pytest.approx(fitted["radii"])
+    assert config_sha256(stored) == next(iter(refs))
 
 
 def test_clips_of_one_person_share_an_identity(built_corpus):

@@ -39,7 +39,7 @@ def _generate(setup, out, *extra):
 
 
 def test_generate_then_score(setup, capsys):
-    from emo_data.schema import decode_mp4, iter_raw_samples
+    from emo_data.shards import decode_mp4, iter_raw_samples
     from emo_model.eval.cli import main
 
     root, shard, _, weights = setup

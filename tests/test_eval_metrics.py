@@ -65,7 +65,7 @@ def other_person():
 def make_gen_dir(path, shard: str, frames_for=None) -> str:
     """A directory in ``emo-eval generate``'s layout: per sample the given frames (or the ground
     truth's own mp4 bytes) as ``<key>.generated.mp4`` and its json."""
-    from emo_data.schema import encode_mp4, iter_raw_samples
+    from emo_data.shards import encode_mp4, iter_raw_samples
 
     os.makedirs(path, exist_ok=True)
     for i, raw in enumerate(iter_raw_samples(shard)):
@@ -98,7 +98,7 @@ def test_frechet_distance_equals_pytorch_fid_on_real_inception_features(corpus, 
     and 40 of another (fewer frames than dimensions: singular covariances, our low-rank route)."""
     from pytorch_fid.fid_score import calculate_frechet_distance
 
-    from emo_data.schema import decode_mp4, iter_raw_samples
+    from emo_data.shards import decode_mp4, iter_raw_samples
     from emo_model.eval.inception import InceptionFeatures
 
     real = np.concatenate([decode_mp4(raw["mp4"]) for raw in iter_raw_samples(corpus)])  # 40 frames

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-from emo_data.schema import StreamingTarWriter
+from emo_data.shards import StreamingTarWriter
 from emo_data.staging import is_done, part_path, parts_dir, read_staged
 from emo_data.types import Source
 from emo_data.ledger import END, FAILED, GATED, WRITTEN, ClipResult, SourceEnd, SourceLedger as _Ledger

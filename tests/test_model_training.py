@@ -8,7 +8,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-pytest.importorskip("emo_data.schema", reason="data-side shard schema not importable")
+pytest.importorskip("emo_data.shards", reason="data-side shard schema not importable")
 
 from emo_model import EMOModel  # noqa: E402
 from emo_model.training import (  # noqa: E402

@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 
 from conftest import REPO, sample
-from emo_data.schema import iter_raw_samples, validate_shard
+from emo_data.shards import iter_raw_samples, validate_shard
 
 pytestmark = pytest.mark.ray
 
@@ -209,7 +209,7 @@ def test_bad_inputs_become_rows_on_ray_and_nothing_sealed_is_lost(tmp_path):
 
     from emo_data.config import BuildConfig
     from emo_data.readers import read_ray_dataset
-    from emo_data.schema import decode_sample
+    from emo_data.shards import decode_sample
     from pipelines.ray_build import build_corpus_ray
 
     good = sample(SUBSET[2][0])

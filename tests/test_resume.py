@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from fractions import Fraction
 
 import av
 import numpy as np
@@ -17,7 +16,7 @@ import pandas as pd
 import pytest
 
 from conftest import sample
-from emo_data.schema import iter_raw_samples, validate_shard
+from emo_data.shards import SampleMeta, iter_raw_samples, read_index, validate_shard
 
 TOKEN = "hf_emoTestTokenDoNotStore0123456789"
 HEADS = ["video/v-express__RD_Radio10_0_clip_0.mp4", "video/video-retalking__face_5.mp4"]
@@ -207,8 +206,10 @@ def test_changed_config_or_file_redoes_exactly_what_it_affects(copy, capsys):
     assert (m[m.status == "clip"].duration_s >= 3.0).all()
     assert "too_short" in set(m[m.source_id == "v-express__RD_Radio10_0_clip_0"].reason)  # its 2.1 s clip is gone
     for shard in (copy / "out").glob("*.tar"):
+        index = read_index(str(shard))
         for raw in iter_raw_samples(str(shard)):
-            assert json.loads(raw["json"])["config"]["clip"]["min_seconds"] == 3.0
+            meta = SampleMeta.from_json(raw["json"])
+            assert meta.build_config(index)["clip"]["min_seconds"] == 3.0 and meta.config_sha256 == build["config_sha256"]
 
     # Changing the split settings would move samples: refused, unless --resplit.
     assert _build(copy, "--shard-by", "kind", "--min-seconds", "3", "--test-fraction", "0.5", manifest="sources.csv") == 2
@@ -300,7 +301,7 @@ def test_hugging_face_datasets_reads_our_shards(base, tmp_path):
     """datasets.load_dataset("webdataset") with emo_data.readers.hf_features: mp4/wav stay bytes
     (no torchcodec), arrays and metadata equal what our own reader gives."""
     from emo_data.readers import load_hf_dataset
-    from emo_data.schema import decode_sample, load_wav
+    from emo_data.shards import decode_sample, load_wav
 
     out = base / "out"
     ours = {raw["__key__"]: (raw, decode_sample(raw)) for shard in sorted(out.glob("*.tar")) for raw in iter_raw_samples(str(shard))}

@@ -1,16 +1,14 @@
-"""Shard schema: round trip, and each kind of damage the validator must catch."""
+"""Shard format (emo_data/shards): round trip, and each kind of damage the validator must catch."""
 from __future__ import annotations
 
 import io
-import json
 import os
-import tarfile
 
 import numpy as np
 import pytest
 
-from emo_data.schema import (
-    REQUIRED_MEMBERS,
+from emo_data.shards import (
+    SampleMeta,
     ShardWriter,
     decode_sample,
     encode_mp4,
@@ -34,11 +32,11 @@ def _sample(key: str, T: int = 12, S: int = 64, audio: bool = True) -> ClipSampl
     boxes = np.tile(np.array([[10, 12, 40, 44]], np.float32), (T, 1))
     speed = rng.uniform(0, 2, T).astype(np.float32)
     centers, radii = [0.0, 0.5, 1.0], [0.25, 0.25, 0.5]
-    meta = {
-        "schema_version": 1, "key": key, "num_frames": T, "crop_size": S, "fps": 25.0, "sample_rate": 16000,
-        "landmark_count": 68, "identity_dim": 128, "speed_buckets": {"centers": centers, "radii": radii},
-        "audio_emb": {"encoder": "tiny", "num_layers": 3, "dim": 8} if audio else None,
-    }
+    meta = SampleMeta(
+        key=key, num_frames=T, crop_size=S, fps=25.0, sample_rate=16000, landmark_count=68, identity_dim=128,
+        speed_buckets={"centers": centers, "radii": radii},
+        audio_emb={"encoder": "tiny", "num_layers": 3, "dim": 8} if audio else None,
+    )
     return ClipSample(
         key=key, mp4=encode_mp4(frames, 25.0), wav=wav_bytes(rng.uniform(-0.1, 0.1, T * 640).astype(np.float32)),
         face_mask=face_union_mask(boxes, S), face_boxes=boxes, landmarks=rng.uniform(10, 40, (T, 68, 2)).astype(np.float32),
@@ -51,7 +49,7 @@ def _sample(key: str, T: int = 12, S: int = 64, audio: bool = True) -> ClipSampl
 
 @pytest.fixture()
 def shard(tmp_path):
-    from emo_data.schema import encode_sample
+    from emo_data.shards import encode_sample
 
     writer = ShardWriter(str(tmp_path), "train", max_samples=2)
     for i in range(3):
@@ -78,7 +76,7 @@ def test_round_trip_keeps_every_member(shard):
 
 def test_keys_with_dots_are_refused(tmp_path):
     s = _sample("a.b")
-    from emo_data.schema import encode_sample
+    from emo_data.shards import encode_sample
 
     with pytest.raises(ValueError):
         write_tar(str(tmp_path / "x.tar"), [("a.b", encode_sample(s), s.meta)])

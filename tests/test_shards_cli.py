@@ -14,7 +14,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 import shard_fixtures as fx  # noqa: E402
 
-from emo_data import schema  # noqa: E402
+from emo_data import shards  # noqa: E402
 from emo_data.shards_cli import main  # noqa: E402
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,7 @@ def shard_copy(corpus, tmp_path) -> str:
     src = os.path.join(corpus, "train-000000.tar")
     dst = str(tmp_path / "train-000000.tar")
     shutil.copy(src, dst)
-    shutil.copy(schema.index_path_for(src), schema.index_path_for(dst))
+    shutil.copy(shards.index_path_for(src), shards.index_path_for(dst))
     return dst
 
 
@@ -79,11 +79,11 @@ def test_ls_show_stats_over_fsspec_urls(corpus, capsys):
     rc, out, _ = run(["show", "file://" + os.path.join(corpus, "test-000000.tar"), "--index", "1", "--json"], capsys)
     data = json.loads(out)
     assert rc == 0 and data["key"] == "WDA_KatieHill_001_00001"
-    assert {m["member"] for m in data["members"]} == set(schema.REQUIRED_MEMBERS)
+    assert {m["member"] for m in data["members"]} == set(shards.REQUIRED_MEMBERS)
 
 
 def test_index_less_shard_is_scanned(shard_copy, capsys):
-    os.remove(schema.index_path_for(shard_copy))
+    os.remove(shards.index_path_for(shard_copy))
     rc, out, _ = run(["ls", shard_copy], capsys)
     assert rc == 0 and "NO (tar scanned)" in out and "total: 1 shards, 3 samples" in out
     rc, out, _ = run(["show", shard_copy, "--index", "2"], capsys)
@@ -164,10 +164,10 @@ def test_render_sheet_and_video(corpus, tmp_path, capsys):
         samples = sum(f.samples for f in container.decode(audio=0))
     assert abs(samples - 40 * 16000 / 25) <= 2048
     # the overlay is drawn: the first frame differs from the stored clip inside the face box
-    raw = schema.read_sample(shard, key="WDA_KatieHill_000_00000")
-    clean = schema.decode_mp4(raw["mp4"], max_frames=1)[0].astype(np.int16)
+    raw = shards.read_sample(shard, key="WDA_KatieHill_000_00000")
+    clean = shards.decode_mp4(raw["mp4"], max_frames=1)[0].astype(np.int16)
     drawn = frames[0].to_ndarray(format="rgb24").astype(np.int16)
-    x0, y0, x1, y1 = schema.load_npy(raw["face_boxes.npy"])[0].astype(int)
+    x0, y0, x1, y1 = shards.load_npy(raw["face_boxes.npy"])[0].astype(int)
     assert np.abs(drawn[y0:y1, x0:x1] - clean[y0:y1, x0:x1]).mean() > 5
 
 
@@ -219,7 +219,7 @@ def test_validate_missing_member(shard_copy, capsys):
 
 def test_validate_feature_frame_count(shard_copy, capsys):
     wrong = np.zeros((39, 3, 8), np.float16)
-    fx.replace_member(shard_copy, "WDA_KatieHill_000_00002", "audio_emb.npy", schema.npy_bytes(wrong))
+    fx.replace_member(shard_copy, "WDA_KatieHill_000_00002", "audio_emb.npy", shards.npy_bytes(wrong))
     rc, out, _ = run(["validate", shard_copy], capsys)
     issues = _issues(out)
     assert rc == 1 and len(issues) == 1  # the digest agrees: only the shape check fires
@@ -238,7 +238,7 @@ def test_validate_jobs_reports_each_bad_shard(corpus, shard_copy, tmp_path, caps
 def test_pickle_member_refused(shard_copy, tmp_path, capsys):
     members = fx._read_members(shard_copy) + [("WDA_KatieHill_000_00000.pkl", b"\x80\x04K\x01.")]
     fx._rewrite(shard_copy, members)
-    os.remove(schema.index_path_for(shard_copy))
+    os.remove(shards.index_path_for(shard_copy))
     rc, out, _ = run(["validate", shard_copy], capsys)
     assert rc == 1 and "unsafe member pkl (pickle-like)" in out
     rc, out, _ = run(["show", shard_copy, "WDA_KatieHill_000_00000"], capsys)
@@ -257,10 +257,10 @@ def test_sample_random_subset(corpus, tmp_path, capsys):
     assert len(keys) == 4
     for key in keys:
         files = set(os.listdir(out_dir / key))
-        assert set(schema.REQUIRED_MEMBERS) <= files
+        assert set(shards.REQUIRED_MEMBERS) <= files
         meta = json.loads((out_dir / key / "json").read_text())
         assert meta["key"] == key
-        assert schema.load_npy((out_dir / key / "head_speed.npy").read_bytes()).shape == (40,)
+        assert shards.load_npy((out_dir / key / "head_speed.npy").read_bytes()).shape == (40,)
     again = tmp_path / "again"
     run(["sample", corpus, "-n", "4", "--out", str(again), "--seed", "7"], capsys)
     assert sorted(os.listdir(again)) == keys
@@ -342,9 +342,9 @@ def test_remote_reads_touch_only_the_needed_bytes(corpus, capsys):
 
 
 def test_validate_buckets_inconsistent_with_speed(shard_copy, capsys):
-    raw = schema.read_sample(shard_copy, key="WDA_KatieHill_000_00001")
-    buckets = schema.load_npy(raw["speed_buckets.npy"])
-    fx.replace_member(shard_copy, "WDA_KatieHill_000_00001", "speed_buckets.npy", schema.npy_bytes(np.roll(buckets, 5, axis=0)))
+    raw = shards.read_sample(shard_copy, key="WDA_KatieHill_000_00001")
+    buckets = shards.load_npy(raw["speed_buckets.npy"])
+    fx.replace_member(shard_copy, "WDA_KatieHill_000_00001", "speed_buckets.npy", shards.npy_bytes(np.roll(buckets, 5, axis=0)))
     rc, out, _ = run(["validate", "--no-decode", shard_copy], capsys)
     issues = _issues(out)
     assert rc == 1 and len(issues) == 1 and issues[0][1] == "WDA_KatieHill_000_00001"

@@ -17,7 +17,7 @@ import pytest
 
 from conftest import sample as _sample
 from emo_data.config import BuildConfig, SyncConfig
-from emo_data.schema import iter_raw_samples, load_wav
+from emo_data.shards import iter_raw_samples, load_wav
 from emo_data.sync.base import SyncResult
 from emo_data.sync.gate import decide, shift_clip_audio
 from emo_data.types import ClipCandidate, Source
@@ -80,7 +80,7 @@ def _ramp_clip(num_frames=60, pad=15, valid=None):
     per_frame = 640
     n = (num_frames + 2 * pad) * per_frame
     context = np.arange(n, dtype=np.float32)
-    from emo_data.schema import encode_mp4
+    from emo_data.shards import encode_mp4
 
     frames = [np.full((64, 64, 3), 8 * (i % 30), np.uint8) for i in range(num_frames)]
     return ClipCandidate(
@@ -109,7 +109,7 @@ def test_shift_past_the_source_audio_trims_frames():
     assert out.num_frames == 58
     assert len(out.face_boxes) == len(out.landmarks) == len(out.mouth_motion) == 58
     np.testing.assert_array_equal(out.audio, np.arange(20 * 640, 78 * 640, dtype=np.float32))
-    from emo_data.schema import count_mp4_frames
+    from emo_data.shards import count_mp4_frames
 
     assert count_mp4_frames(out.mp4)[0] == 58
     # audio starts 4 frames before the clip: a -6 shift trims 2 frames at the start
@@ -241,7 +241,7 @@ def test_vocal_separation_feeds_the_gate_and_features_but_the_wav_stays_the_mix(
     assert talk_meta["vocals"]["reason"] == "kind_not_separated" and talk_meta["audio_source"] == "mix"
     if sung_meta["start_s"] == talk_meta["start_s"] and sung_meta["num_frames"] == talk_meta["num_frames"]:
         assert samples["sung"]["wav"] == samples["talk"]["wav"]            # the mix, untouched
-    from emo_data.schema import load_npy
+    from emo_data.shards import load_npy
 
     sung_emb, talk_emb = load_npy(samples["sung"]["audio_emb.npy"]), load_npy(samples["talk"]["audio_emb.npy"])
     n = min(len(sung_emb), len(talk_emb))

@@ -311,7 +311,7 @@ def real_clip():
     from emo_data.config import FaceConfig
     from emo_data.decode import iter_frames
     from emo_data.faces import make_face_backend
-    from emo_data.schema import encode_mp4
+    from emo_data.shards import encode_mp4
 
     path = sample_path(VIDEO)
     frames = []

@@ -10,7 +10,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from emo_data.schema import (  # noqa: E402
+from emo_data.shards import (  # noqa: E402
     SCHEMA_VERSION,
     decode_mp4,
     iter_raw_samples,
@@ -89,7 +89,7 @@ def test_contract_errors_say_what_to_do(corpus, tmp_path):
 def _with(ref, **meta):
     from dataclasses import replace
 
-    return replace(ref, meta=dict(ref.meta, **meta))
+    return replace(ref, meta=replace(ref.meta, **meta))
 
 
 def test_the_raw_fixture_features_do_not_fit_the_tiny_model(tmp_path, tiny_wav2vec):

@@ -91,7 +91,7 @@ def test_three_stages_chain_through_checkpoints(corpus, tmp_path):
     # fit the speed buckets to this corpus, then stage 3 from stage 2
     shards = copy_shards(corpus["train"], str(tmp_path / "refit"))
     assert data_main(["fit-buckets", *shards, "-d", "9", "--apply"]) == 0
-    from emo_data.schema import read_index
+    from emo_data.shards import read_index
 
     fitted = read_index(shards[0])["samples"][0]["meta"]["speed_buckets"]
     assert not np.allclose(fitted["centers"], DEFAULT_SPEED_CENTERS)

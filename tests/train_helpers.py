@@ -19,9 +19,9 @@ FPS = 25.0
 
 def downscale_sample(key: str, members: dict, meta: dict, size: int) -> tuple[str, dict, dict]:
     """The same sample at ``size`` x ``size`` pixels (video, mask, boxes, landmarks, json)."""
-    from emo_data.config import SpeedConfig
     from emo_data.latents import resize_frames
-    from emo_data.schema import decode_mp4, encode_mp4, load_npy, load_png, npy_bytes, png_bytes
+    from emo_data.shards import config_sha256, decode_mp4, encode_mp4, load_npy, load_png, npy_bytes, png_bytes
+    from shard_fixtures import fixture_config
 
     import cv2
 
@@ -35,8 +35,8 @@ def downscale_sample(key: str, members: dict, meta: dict, size: int) -> tuple[st
     out["face_boxes.npy"] = npy_bytes((load_npy(members["face_boxes.npy"]) * scale).astype(np.float32))
     out["landmarks.npy"] = npy_bytes((load_npy(members["landmarks.npy"]) * scale).astype(np.float32))
     meta = dict(meta, crop_size=size, source_size=[size, size], crop_box=[0.0, 0.0, float(size), float(size)])
-    # as a real build records it (emo_data/samples.py): fit-buckets --apply rewrites config.speed
-    meta["config"] = dict(meta.get("config") or {}, speed=SpeedConfig().to_dict())
+    # as a real build records it (emo_data/samples.py): a reference to the config in the shard index
+    meta["config_sha256"] = config_sha256(fixture_config(size))
     meta["speed_buckets"] = dict(meta["speed_buckets"], formula="tanh((w - c) / r * 3)")
     out["json"] = json.dumps(meta, sort_keys=True).encode("utf-8")
     return key, out, meta
@@ -46,8 +46,8 @@ def write_corpus(root: str, *, train_shards: int = 2, per_shard: int = 3, test_s
                  size: int = 64, wav2vec: Optional[str] = None) -> dict:
     """``root/train-00000N.tar`` (+ ``test-...``) of real-footage samples; with ``wav2vec`` real audio
     features are added through ``emo-data add-features``. Returns ``{"train": [...], "test": [...]}``."""
-    from emo_data.schema import shard_name, write_tar
-    from shard_fixtures import make_sample
+    from emo_data.shards import shard_name, write_tar
+    from shard_fixtures import fixture_index, make_sample
 
     os.makedirs(root, exist_ok=True)
     out: dict[str, list] = {"train": [], "test": []}
@@ -61,7 +61,7 @@ def write_corpus(root: str, *, train_shards: int = 2, per_shard: int = 3, test_s
                 samples.append(downscale_sample(key, members, meta, size))
                 clip += 1
             path = os.path.join(root, shard_name(split, s))
-            write_tar(path, samples)
+            write_tar(path, samples, extra_index=fixture_index(size))
             out[split].append(path)
     if wav2vec:
         from pipelines.cli import main
@@ -96,7 +96,7 @@ def copy_shards(paths: list, dest: str) -> list:
     """Copy shards with their index sidecars into ``dest``."""
     import shutil
 
-    from emo_data.schema import index_path_for
+    from emo_data.shards import index_path_for
 
     os.makedirs(dest, exist_ok=True)
     out = []

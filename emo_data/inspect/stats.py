@@ -10,10 +10,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from .. import schema
-from .access import is_url, load_index, read_members, sample_duration_s
-
-FACE_SIZE_KEYS = ("face_size_px", "face_size", "mean_face_size_px")
+from ..shards import SampleMeta, is_url, load_index, load_npy, read_members
 
 
 @dataclass
@@ -171,23 +168,18 @@ def _split_from_name(url: str) -> str:
     return match.group(1) if match else "?"
 
 
-def _meta_face_src(meta: dict[str, Any]) -> Optional[float]:
-    """Face size in source pixels: the square crop is ``crop_scale`` x the union face box."""
-    for k in FACE_SIZE_KEYS:
-        if isinstance(meta.get(k), (int, float)):
-            return float(meta[k])
-    box = meta.get("crop_box")
+def _meta_face_src(meta: SampleMeta, index: Optional[dict[str, Any]]) -> Optional[float]:
+    """Face size in source pixels: the square crop (``crop_box``, source pixels) is the build
+    config's ``clip.crop_scale`` x the long side of the union face box."""
+    box = meta.crop_box
     if isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box):
-        cfg = meta.get("config") if isinstance(meta.get("config"), dict) else {}
-        clip = cfg.get("clip") if isinstance(cfg.get("clip"), dict) else {}
-        scale = clip.get("crop_scale") or 1.8
         side = max(box[2] - box[0], box[3] - box[1])
-        return float(side) / float(scale) if side > 0 else None
+        return float(side) / meta.crop_scale(index) if side > 0 else None
     return None
 
 
-def _meta_speed_mean(meta: dict[str, Any]) -> Optional[float]:
-    v = meta.get("head_speed_mean")
+def _meta_speed_mean(meta: SampleMeta) -> Optional[float]:
+    v = meta.head_speed_mean
     return float(v) if isinstance(v, (int, float)) else None
 
 
@@ -200,12 +192,12 @@ def _member_summary(url: str, entry: dict[str, Any]) -> tuple[Optional[float], O
     face, speeds = None, None
     try:
         if "face_boxes.npy" in raw:
-            boxes = schema.load_npy(raw["face_boxes.npy"]).astype(np.float64)
+            boxes = load_npy(raw["face_boxes.npy"]).astype(np.float64)
             if boxes.ndim == 2 and boxes.shape[1] == 4 and len(boxes):
                 sides = np.sqrt(np.clip(boxes[:, 2] - boxes[:, 0], 0, None) * np.clip(boxes[:, 3] - boxes[:, 1], 0, None))
                 face = float(sides.mean())
         if "head_speed.npy" in raw:
-            speeds = schema.load_npy(raw["head_speed.npy"]).astype(np.float32).reshape(-1)
+            speeds = load_npy(raw["head_speed.npy"]).astype(np.float32).reshape(-1)
     except ValueError:
         pass
     return face, speeds
@@ -225,21 +217,20 @@ def collect(urls: list[str], read_frames: bool = False, threads: int = 8) -> Cor
         if index.get("from_tar_scan"):
             stats.shards_without_index += 1
         for entry in index["samples"]:
-            meta = entry.get("meta") or {}
-            sb = meta.get("speed_buckets") if isinstance(meta.get("speed_buckets"), dict) else {}
+            meta = SampleMeta.from_dict(entry.get("meta") or {})
             rec = SampleRecord(
                 shard=url,
                 key=entry["key"],
-                split=str(meta.get("split") or _split_from_name(url)),
-                kind=str(meta.get("kind") or "unknown"),
-                language=str(meta.get("language") or "und"),
-                identity=str(meta.get("identity") or meta.get("source_id") or "?"),
-                duration_s=sample_duration_s(meta),
-                fps=float(meta.get("fps") or 0.0),
-                face_src_px=_meta_face_src(meta),
+                split=str(meta.split or _split_from_name(url)),
+                kind=str(meta.kind or "unknown"),
+                language=str(meta.language or "und"),
+                identity=str(meta.identity or meta.source_id or "?"),
+                duration_s=meta.duration_s,
+                fps=float(meta.fps or 0.0),
+                face_src_px=_meta_face_src(meta, index),
                 speed_mean=_meta_speed_mean(meta),
-                centers=list(sb.get("centers") or []) or None,
-                gate=meta.get("sync") if isinstance(meta.get("sync"), dict) else None,
+                centers=meta.speed_centers or None,
+                gate=meta.sync if isinstance(meta.sync, dict) else None,
             )
             stats.records.append(rec)
             if read_frames:

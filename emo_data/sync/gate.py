@@ -97,7 +97,7 @@ def shift_clip_audio(clip: ClipCandidate, shift: int, min_frames: int, crf: int 
     ``min_frames`` remain. The audio context is re-based so that frame t's audio sits at
     ``pad + t`` again.
     """
-    from ..schema import decode_mp4, encode_mp4
+    from ..shards import decode_mp4, encode_mp4
 
     if clip.audio_context is None:
         raise StageError("sync_no_context", f"{clip.key}: no audio context to shift")

@@ -89,11 +89,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from emo_data.shards.contract import SAMPLE_RATE
 from emo_data.stage import StageError
 from emo_data.sync.base import SyncBackend, SyncInput, SyncResult
 
 SYNCNET_FPS = 25
-SAMPLE_RATE = 16000
 SAMPLES_PER_FRAME = SAMPLE_RATE // SYNCNET_FPS      # 640
 MFCC_HOP = 160                                      # 10 ms
 MFCC_WIN = 400                                      # 25 ms
@@ -560,7 +560,7 @@ class SyncNetBackend(SyncBackend):
             self._fingerprint = weights_fingerprint(self.weights)
 
     def score(self, item: SyncInput) -> SyncResult:
-        from emo_data.schema import decode_mp4
+        from emo_data.shards import decode_mp4
 
         self.setup()
         if item.mp4 is None:

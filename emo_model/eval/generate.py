@@ -29,6 +29,8 @@ from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 
+from emo_data.shards.contract import SAMPLE_RATE
+
 from .config import GenerateConfig
 from .weights import file_sha256
 
@@ -57,29 +59,28 @@ def sample_paths(out_dir: str, key: str) -> dict[str, str]:
 
 def iter_eval_samples(shards: list[str], split: Optional[str]) -> Iterator[tuple[str, dict[str, Any]]]:
     """(shard, raw sample) of every sample of ``shards`` whose json ``split`` is ``split``."""
-    from emo_data.schema import iter_raw_samples, list_shards
+    from emo_data.shards import SampleMeta, iter_raw_samples, list_shards
 
     for shard in list_shards(shards):
         for raw in iter_raw_samples(shard):
-            meta = json.loads(raw["json"].decode("utf-8"))
-            if split is None or meta.get("split") == split:
+            if split is None or SampleMeta.from_json(raw["json"]).split == split:
                 yield shard, raw
 
 
 def count_eval_samples(shards: list[str], split: Optional[str]) -> Optional[int]:
     """From the shard indexes (None when one has no index)."""
-    from emo_data.schema import list_shards, read_index
+    from emo_data.shards import SampleMeta, list_shards, read_index
 
     total = 0
     for shard in list_shards(shards):
         index = read_index(shard)
         if index is None:
             return None
-        total += sum(1 for s in index["samples"] if split is None or s.get("meta", {}).get("split") == split)
+        total += sum(1 for s in index["samples"] if split is None or SampleMeta.from_dict(s.get("meta") or {}).split == split)
     return total
 
 
-def remux_with_audio(mp4: bytes, audio: np.ndarray, path: str, sample_rate: int = 16000) -> None:
+def remux_with_audio(mp4: bytes, audio: np.ndarray, path: str, sample_rate: int = SAMPLE_RATE) -> None:
     """Copy the H.264 stream of ``mp4`` (no re-encode: the frames stay bit-identical) and add AAC audio."""
     import av
 
@@ -155,8 +156,7 @@ def generate_corpus(cfg: GenerateConfig, overwrite: bool = False, progress: bool
     import torch
     from tqdm.auto import tqdm
 
-    from emo_data.media import write_mp4
-    from emo_data.schema import decode_mp4, load_npy, load_png, load_wav
+    from emo_data.shards import SampleMeta, decode_mp4, load_npy, load_png, load_wav, write_mp4
 
     fingerprint = model_fingerprint(cfg.model)
     _check_run_config(cfg, fingerprint, overwrite)
@@ -181,14 +181,14 @@ def generate_corpus(cfg: GenerateConfig, overwrite: bool = False, progress: bool
                     skipped += 1
                     bar.update(1)
                     continue
-        meta = json.loads(raw["json"].decode("utf-8"))
-        T, fps = int(meta["num_frames"]), float(meta["fps"])
+        meta = SampleMeta.from_json(raw["json"])
+        T, fps = int(meta.num_frames), float(meta.fps)
         if cfg.reference_frame >= T:
             raise ValueError(f"{key}: reference frame {cfg.reference_frame} but the clip has {T} frames")
         reference = decode_mp4(raw["mp4"], max_frames=cfg.reference_frame + 1)[cfg.reference_frame]
         audio, rate = load_wav(raw["wav"])
-        if rate != 16000:
-            raise ValueError(f"{key}: audio at {rate} Hz, the schema says 16 kHz")
+        if rate != SAMPLE_RATE:
+            raise ValueError(f"{key}: audio at {rate} Hz, the shard contract says {SAMPLE_RATE} Hz")
         boxes = load_npy(raw["face_boxes.npy"])
         speed = float(load_npy(raw["head_speed.npy"]).mean()) if cfg.speed == "sample" else float(cfg.speed)
         size = pipe.resolution
@@ -208,7 +208,7 @@ def generate_corpus(cfg: GenerateConfig, overwrite: bool = False, progress: bool
         )
         seconds = time.perf_counter() - t0
         n = len(out.frames)
-        used_audio = audio[: int(round(n * 16000 / fps))]
+        used_audio = audio[: int(round(n * SAMPLE_RATE / fps))]
         tmp = paths["generated"] + ".tmp.mp4"
         write_mp4(tmp, out.frames, fps=fps, audio=used_audio)
         os.replace(tmp, paths["generated"])
@@ -217,9 +217,9 @@ def generate_corpus(cfg: GenerateConfig, overwrite: bool = False, progress: bool
         os.replace(tmp, paths["ground_truth"])
         record = {
             "format_version": FORMAT_VERSION, "key": key, "shard": os.path.abspath(shard) if "://" not in shard else shard,
-            "identity": meta.get("identity"), "split": meta.get("split"), "kind": meta.get("kind"),
+            "identity": meta.identity, "split": meta.split, "kind": meta.kind,
             "fps": fps, "num_frames": n, "ground_truth_frames": T, "resolution": int(out.frames.shape[1]),
-            "ground_truth_resolution": int(meta.get("crop_size", 0)), "reference_frame": cfg.reference_frame,
+            "ground_truth_resolution": int(meta.crop_size or 0), "reference_frame": cfg.reference_frame,
             "seed": seed, "speed": speed, "face_region": cfg.face_region, "face_region_source": out.face_box_source,
             "files": {k: os.path.basename(v) for k, v in paths.items() if k != "json"},
             "generation_digest": digest, "config": cfg.to_dict(), "model": fingerprint["path"],

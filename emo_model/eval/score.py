@@ -162,7 +162,7 @@ def score_corpus(gen_dir: str, shards: list[str], cfg: Optional[ScoreConfig] = N
     """Score every finished sample of ``gen_dir`` against its ground truth in ``shards``."""
     from tqdm.auto import tqdm
 
-    from emo_data.schema import decode_mp4, list_shards, load_npy, load_wav, read_index, read_sample
+    from emo_data.shards import SAMPLE_RATE, SampleMeta, decode_mp4, iter_raw_samples, list_shards, load_npy, load_wav, read_index, read_sample
 
     cfg = cfg or ScoreConfig()
     t_start = time.perf_counter()
@@ -173,8 +173,6 @@ def score_corpus(gen_dir: str, shards: list[str], cfg: Optional[ScoreConfig] = N
     for shard in list_shards(shards):
         index = read_index(shard)
         if index is None:
-            from emo_data.schema import iter_raw_samples
-
             keys = [raw["__key__"] for raw in iter_raw_samples(shard)]
         else:
             keys = [s["key"] for s in index["samples"]]
@@ -196,8 +194,8 @@ def score_corpus(gen_dir: str, shards: list[str], cfg: Optional[ScoreConfig] = N
     for record in bar:
         key = record["key"]
         raw = read_sample(shard_of[key], key=key)
-        meta = json.loads(raw["json"].decode("utf-8"))
-        fps = float(meta["fps"])
+        meta = SampleMeta.from_json(raw["json"])
+        fps = float(meta.fps)
         with open(os.path.join(gen_dir, record["files"]["generated"]), "rb") as fh:
             gen = decode_mp4(fh.read())
         gt = decode_mp4(raw["mp4"])
@@ -207,14 +205,14 @@ def score_corpus(gen_dir: str, shards: list[str], cfg: Optional[ScoreConfig] = N
         gen, gt = gen[:T], gt[:T]
         frames_total += T
         audio, _ = load_wav(raw["wav"])
-        audio = audio[: int(round(T * 16000 / fps))]
+        audio = audio[: int(round(T * SAMPLE_RATE / fps))]
         all_boxes = load_npy(raw["face_boxes.npy"]).astype(np.float32)
         gt_boxes = all_boxes[:T]
         size = (cfg.resolution, cfg.resolution) if cfg.resolution else gen.shape[1:3]
         sizes.add((gen.shape[1], gt.shape[1], size[0]))
         gen_eval, gt_eval = _resize(gen, size), _resize(gt, size)
         scale = np.array([gen.shape[2] / gt.shape[2], gen.shape[1] / gt.shape[1]] * 2, np.float32)
-        row: dict[str, Any] = {"frames": T, "identity": meta.get("identity"), "shard": os.path.basename(shard_of[key])}
+        row: dict[str, Any] = {"frames": T, "identity": meta.identity, "shard": os.path.basename(shard_of[key])}
 
         def run(name: str, fn: Callable[[], None]) -> None:
             try:
