@@ -9,8 +9,8 @@ three ways, interleaved ``--repeat`` times in one process (best time of each is 
 * ``loader``: ``ShardStream`` through a ``DataLoader`` (``--workers``, default 0 = in-process),
   exactly as ``emo-train`` builds it: seeded order, byte-range member reads, mp4 decoded from the
   keyframe up to the last needed frame, RGB only for the needed frames, resize, windows.
-* ``plain``: every shard read once in tar order (``emo_data.schema.iter_raw_samples``, what a
-  streaming WebDataset pipeline does), each sample decoded with ``emo_data.schema.decode_mp4`` up
+* ``plain``: every shard read once in tar order (``emo_data.shards.iter_raw_samples``, what a
+  streaming WebDataset pipeline does), each sample decoded with ``emo_data.shards.decode_mp4`` up
   to the last frame of *the same window the loader chose*, the same frames picked, resized,
   the same members decoded. The target is loader >= 0.8 x plain.
 * ``latents``: the loader with pre-encoded ``latents.npy`` (``emo-data add-latents``; default VAE:

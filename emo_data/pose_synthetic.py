@@ -310,7 +310,7 @@ def render_frames(portrait: Portrait, case: MotionCase, face_px: float = 285.0,
 
 def write_case_video(portrait: Portrait, case: MotionCase, path: str, face_px: float = 285.0,
                      frame_size: tuple[int, int] = (720, 720), crf: int = 18, seed: int = 0) -> str:
-    from emo_data.schema import encode_mp4
+    from emo_data.shards import encode_mp4
 
     data = encode_mp4(render_frames(portrait, case, face_px, frame_size, seed=seed), FPS, crf=crf, preset="veryfast")
     tmp = path + ".part"

@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from .. import schema
+from .. import shards as schema
 
 MASK_RGB = (0, 220, 90)
 BOX_RGB = (255, 210, 0)
@@ -217,7 +217,7 @@ def contact_sheet(d: dict[str, Any], out_png: str, n_frames: int = 8, shard: str
 
 def overlay_video(d: dict[str, Any], out_mp4: str, crf: int = 20) -> str:
     """The clip with overlays drawn on every frame, its wav muxed in as AAC."""
-    from emo_data.media import write_mp4
+    from emo_data.shards import write_mp4
 
     meta = d["meta"]
     wav = d.get("wav")
