@@ -246,3 +246,21 @@ def test_vocal_separation_feeds_the_gate_and_features_but_the_wav_stays_the_mix(
     sung_emb, talk_emb = load_npy(samples["sung"]["audio_emb.npy"]), load_npy(samples["talk"]["audio_emb.npy"])
     n = min(len(sung_emb), len(talk_emb))
     assert not np.allclose(sung_emb[:n], talk_emb[:n])                     # features heard the vocals
+
+
+def test_syncnet_backend_runs_in_the_build_on_weights_loaded_the_real_way(variants, tmp_path):
+    """--syncnet-weights through the whole build (random weights, so the scores mean nothing):
+    the gate decodes each clip, scores it with SyncNet and records LSE-D / LSE-C, the curve and
+    which weights it used."""
+    import torch
+
+    from test_syncnet import _random_state
+
+    weights = tmp_path / "syncnet_v2.model"
+    torch.save(_random_state(0), weights)
+    rows, samples = _build(tmp_path, ["talk"], variants,
+                           SyncConfig(mode="score", syncnet_weights=str(weights)))
+    row = _clip_row(rows, "talk")
+    assert row.sync_backend == "syncnet" and np.isfinite(row.sync_min_distance) and np.isfinite(row.sync_confidence)
+    gate = json.loads(samples[row.key]["json"])["sync"]
+    assert gate["curve_kind"] == "distance" and len(gate["curve"]) == 31 and gate["extra"]["weights"] == "syncnet_v2.model"
