@@ -33,7 +33,7 @@ from typing import Any, Optional
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 
-from emo_data.shards import (  # noqa: E402
+from emo_data.shards import (  # noqa: E402 - after the path setup above
     SampleMeta,
     config_fields,
     decode_mp4,

@@ -227,7 +227,7 @@ def cmd_render(args) -> int:
     if not args.out and not args.video and not args.sync:
         print("render: give --out sheet.png, --video clip.mp4 and/or --sync sync.png", file=sys.stderr)
         return 2
-    url, _index, entry, raw = _load_one(args)
+    url, _index, _entry, raw = _load_one(args)
     d = render.decode_for_render(raw)
     if args.out:
         render.contact_sheet(d, args.out, n_frames=args.frames, shard=url, dpi=args.dpi)

@@ -10,8 +10,9 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import REPO
+from shard_fixtures import fixture_index, make_sample
+
 from emo_data.config import BuildConfig, ClipConfig, SpeedConfig
 from emo_data.shards import (
     CROP_SCALE,
@@ -32,7 +33,6 @@ from emo_data.shards import (
     write_mp4,
     write_tar,
 )
-from shard_fixtures import fixture_index, make_sample
 
 # A sample json as the builds before config references wrote it (meta_version absent = 1): the
 # whole build config inline, no quality / vocals / audio_source keys yet, one key this code does
@@ -122,15 +122,15 @@ def test_validator_checks_the_config_reference(tmp_path):
     shard = str(tmp_path / "train-000000.tar")
     write_tar(shard, [(key, members, meta)], extra_index=fixture_index(meta["crop_size"]))
     assert validate_shard(shard, decode_media=False)[1] == []
-    index_path = shard[:-4] + ".index.json"
-    index = json.load(open(index_path))
+    index_path = tmp_path / "train-000000.index.json"
+    index = json.loads(index_path.read_text())
     (ref, stored), = index["configs"].items()
     index["configs"] = {ref: dict(stored, clip=dict(stored["clip"], min_seconds=9.0))}  # content no longer matches its key
-    json.dump(index, open(index_path, "w"))
+    index_path.write_text(json.dumps(index))
     assert [i.reason for i in validate_shard(shard, decode_media=False)[1]] == [
         f"shard index config {ref[:12]}... does not hash to its key"]
     index["configs"] = {}
-    json.dump(index, open(index_path, "w"))
+    index_path.write_text(json.dumps(index))
     assert [i.reason for i in validate_shard(shard, decode_media=False)[1]] == [
         f"json config_sha256 {ref[:12]}... names no config in the shard index"]
 

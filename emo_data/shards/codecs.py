@@ -14,7 +14,13 @@ from typing import Any, Iterable, Mapping, Optional
 
 import numpy as np
 
-from .contract import DEFAULT_FPS, MEMBER_SPECS, SAMPLE_RATE, UNSAFE_EXTENSIONS, SampleMeta
+from .contract import (
+    DEFAULT_FPS,
+    MEMBER_SPECS,
+    SAMPLE_RATE,
+    UNSAFE_EXTENSIONS,
+    SampleMeta,
+)
 
 
 def json_default(obj: Any):
@@ -127,7 +133,7 @@ def encode_mp4(frames: Iterable[np.ndarray], fps: float = DEFAULT_FPS, crf: int 
             raise ValueError("encode_mp4: no frames")
         for packet in stream.encode():
             container.mux(packet)
-        if astream is not None:
+        if astream is not None and audio is not None:
             _mux_aac(container, astream, audio, sample_rate)
     return buf.getvalue()
 

@@ -294,7 +294,6 @@ class SampleMeta:
 
     def crop_scale(self, index: Optional[Mapping[str, Any]] = None) -> float:
         """The crop scale the clip was cut with (its build config's ``clip.crop_scale``, else the default)."""
-        stored = self.build_config(index) or {}
-        clip = stored.get("clip") if isinstance(stored.get("clip"), dict) else {}
-        value = clip.get("crop_scale")
+        clip = (self.build_config(index) or {}).get("clip")
+        value = clip.get("crop_scale") if isinstance(clip, dict) else None
         return float(value) if isinstance(value, (int, float)) and value > 0 else CROP_SCALE

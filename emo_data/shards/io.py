@@ -65,7 +65,7 @@ def list_shards(specs: Iterable[str], must_match: bool = False) -> list[str]:
         found: list[str]
         if is_url(spec):
             fs = _fs(spec)
-            bare = fs._strip_protocol(spec)  # noqa: SLF001 - fsspec's own way to drop the protocol
+            bare = fs._strip_protocol(spec)  # fsspec's own way to drop the protocol
             if any(c in bare for c in GLOB_CHARS):
                 found = [fs.unstrip_protocol(p) for p in sorted(fs.glob(bare)) if p.endswith(".tar")]
             elif not spec.endswith(".tar") and fs.isdir(bare):
@@ -81,8 +81,7 @@ def list_shards(specs: Iterable[str], must_match: bool = False) -> list[str]:
         if must_match and not found:
             raise FileNotFoundError(f"no shards match {spec}")
         out.extend(found)
-    seen: set[str] = set()
-    return [p for p in out if not (p in seen or seen.add(p))]
+    return list(dict.fromkeys(out))  # first occurrence of each, in order
 
 
 # --------------------------------------------------------------------------- opening
@@ -138,8 +137,9 @@ def scan_tar(url: str, read_json: bool = True) -> dict[str, Any]:
                     samples[key] = {"key": key, "members": {}, "meta": None}
                     order.append(key)
                 samples[key]["members"][member] = {"offset": info.offset_data, "size": info.size}
-                if read_json and member == "json":
-                    data = tf.extractfile(info).read()
+                extracted = tf.extractfile(info) if read_json and member == "json" else None
+                if extracted is not None:
+                    data = extracted.read()
                     try:
                         samples[key]["meta"] = json.loads(data.decode("utf-8"))
                     except (UnicodeDecodeError, ValueError):
