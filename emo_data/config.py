@@ -244,8 +244,8 @@ class AudioFeatureConfig(ConfigBase):
     def __post_init__(self) -> None:
         if self.dtype not in ("float16", "float32"):
             raise ValueError(f"audio_features.dtype must be float16 or float32, got {self.dtype!r}")
-        if self.layers is not None and (not self.layers or any(int(i) != i or i < 0 for i in self.layers)):
-            raise ValueError(f"audio_features.layers must be None or non-negative hidden-state indices, got {self.layers}")
+        if self.layers is not None and (not self.layers or any(int(i) != i for i in self.layers)):
+            raise ValueError(f"audio_features.layers must be None or hidden-state indices (-1 = last), got {self.layers}")
         if not self.encoder:
             raise ValueError("audio_features.encoder must name a local directory or a hub id")
 

@@ -97,7 +97,8 @@ def test_none_backend_whole_track_in_source_time():
 
 
 def test_unknown_backend_rejected():
-    with pytest.raises(ValueError, match="unknown speech backend"):
+    # the config refuses it when it is made, before any stage is built
+    with pytest.raises(ValueError, match="speech.backend must be silero, pyannote or none"):
         SpeechActivityStage(SpeechConfig(backend="webrtc"))
 
 

@@ -98,7 +98,10 @@ def load_png(data: bytes) -> np.ndarray:
 # measured, libx264 with its default threads / lookahead / mb-tree gave a different bitstream for
 # identical frames in 3 of 1200 encodes (and in 2 of ~10 CLI runs inside a process that had just
 # run torch); with threads=1, no mb-tree, no lookahead and no B-frames 0 of 70 CLI runs differed.
-# On 512 x 512 clips it encodes as fast as the defaults on 2 cores; files are larger (no B-frames).
+# Re-measured: one thread alone (or with lookahead-threads=1) still gave 2-5 different bitstreams in
+# 8-30 encodes of a smooth synthetic gradient in one process; mb-tree off is what makes it repeat
+# (120 of 120), and mb-tree is also what the +25-45 % file size pays for. Same bytes wins.
+# On 512 x 512 clips it encodes as fast as the defaults on 2 cores.
 X264_DETERMINISTIC = {"threads": "1", "x264-params": "mbtree=0:rc-lookahead=0:bframes=0"}
 
 
