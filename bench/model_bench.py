@@ -69,8 +69,13 @@ def bench_backbone(repeats: int, latent: int) -> None:
         for _ in range(2):
             ours(), theirs()
         for _ in range(repeats):
-            t0 = time.perf_counter(); ours(); t1 = time.perf_counter(); theirs(); t2 = time.perf_counter()
-            t_ours.append(t1 - t0); t_theirs.append(t2 - t1)
+            t0 = time.perf_counter()
+            ours()
+            t1 = time.perf_counter()
+            theirs()
+            t2 = time.perf_counter()
+            t_ours.append(t1 - t0)
+            t_theirs.append(t2 - t1)
     mo, mt = statistics.median(t_ours), statistics.median(t_theirs)
     pair = statistics.median(a / b for a, b in zip(t_ours, t_theirs))
     print(f"[1] backbone forward, tiny config, {f} frames of {latent}x{latent} latents (+{n} motion frames, reference, audio, speed, face), {repeats} interleaved runs:")
@@ -102,8 +107,12 @@ def bench_pipeline(repeats: int) -> None:
     kw = dict(num_inference_steps=4, guidance_scale=3.5, face_box=(16, 16, 48, 48))
     t1s, t2s = [], []
     for _ in range(repeats):
-        t = time.perf_counter(); pipe(img, one, generator=torch.Generator().manual_seed(0), **kw); t1s.append(time.perf_counter() - t)
-        t = time.perf_counter(); pipe(img, two, generator=torch.Generator().manual_seed(0), **kw); t2s.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        pipe(img, one, generator=torch.Generator().manual_seed(0), **kw)
+        t1s.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        pipe(img, two, generator=torch.Generator().manual_seed(0), **kw)
+        t2s.append(time.perf_counter() - t)
     a, b = statistics.median(t1s), statistics.median(t2s)
     print(f"[3] sampling, tiny pipeline, 4 DDIM steps + CFG: {len(one) / 16000:.2f} s audio {a:.2f} s, "
           f"{len(two) / 16000:.2f} s audio {b:.2f} s (medians of {repeats}) -> {b / a:.2f}x (target <= 2.1x)")

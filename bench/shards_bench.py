@@ -21,8 +21,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 def _make_synthetic(root: str, n: int, frames: int, per_shard: int) -> None:
     sys.path.insert(0, os.path.join(HERE, "..", "tests"))
-    import shard_fixtures as fx
     from emo_data.shards import write_tar
+
+    import shard_fixtures as fx
 
     for s in range(0, n, per_shard):
         samples = [fx.make_sample(i, frames, True, source_id=f"src{s // per_shard:03d}", seed=s)

@@ -33,8 +33,9 @@ sys.path.insert(0, os.path.join(HERE, ".."))
 
 def make_synthetic(root: str, n: int, frames: int, per_shard: int) -> list[str]:
     sys.path.insert(0, os.path.join(HERE, "..", "tests"))
-    import shard_fixtures as fx
     from emo_data.shards import write_tar
+
+    import shard_fixtures as fx
 
     os.makedirs(root, exist_ok=True)
     paths = []

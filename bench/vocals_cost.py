@@ -40,9 +40,9 @@ def main() -> None:
     import torch
     from demucs.htdemucs import HTDemucs
     from demucs.states import get_state
+    from test_vocals import SONG, decode, export_tiny_mdx, save_tiny_htdemucs
 
     from emo_data.vocals import VocalsConfig, make_vocal_separator
-    from test_vocals import SONG, decode, export_tiny_mdx, save_tiny_htdemucs
 
     torch.set_num_threads(args.threads)
     audio = decode(SONG, 16000, start_s=10.0, seconds=args.seconds)

@@ -17,8 +17,8 @@ import numpy as np
 from .config import BuildConfig
 from .decode import iter_frames
 from .scenes import SceneCutDetector
-from .shards import encode_mp4
 from .segmenter import TOO_SHORT, ClipClosed, ClipOpened, ClipSegmenter, FramesRejected
+from .shards import encode_mp4
 from .stage import Stage
 from .types import AudioTrack, ClipCandidate, Face, ProbeInfo, RejectedSpan, Source, SpeechSegment
 

@@ -23,6 +23,7 @@ from .shards.contract import (
     SAMPLE_RATE,
 )
 
+
 def _from_dict(cls, data: dict[str, Any]):
     """Build dataclass ``cls`` from a (possibly partial) nested dict; unknown keys are errors."""
     kwargs = {}

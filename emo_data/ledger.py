@@ -93,6 +93,7 @@ class SourceLedger:
         from .clip_work import order_rows, staged_totals
 
         end = st.end
+        assert end is not None, "sealed before the source's end came back"
         failed = st.results[FAILED]
         failure = end.failure or next((failed[k].row for k in end.keys if k in failed), None)
         fingerprint = self.fingerprints.get(source_id)

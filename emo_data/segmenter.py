@@ -108,6 +108,7 @@ class ClipSegmenter:
 
     # ------------------------------------------------------------------ internals
     def _close(self, ended_by: str) -> list[Event]:
+        assert self._first is not None, "no clip is open"
         first, last = self._first, self._last_good
         self._first = None
         events: list[Event] = []

@@ -90,13 +90,13 @@ class AudioProjection(nn.Module):
     def forward(self, audio: torch.Tensor) -> torch.Tensor:
         if audio.ndim == 4:  # [B, F, L, D], not windowed yet
             audio = window_frames(audio, self.window, dim=1)
-        b, f, w, l, d = audio.shape
-        if (w, l, d) != (2 * self.window + 1, self.num_layers, self.feature_dim):
+        b, f, w, n_layers, d = audio.shape
+        if (w, n_layers, d) != (2 * self.window + 1, self.num_layers, self.feature_dim):
             raise ValueError(
                 f"audio features {tuple(audio.shape)}: expected [B, F, {2 * self.window + 1}, "
                 f"{self.num_layers}, {self.feature_dim}] (window, wav2vec layers, dims)"
             )
-        x = audio.reshape(b * f, w * l * d).to(self.proj1.weight.dtype)
+        x = audio.reshape(b * f, w * n_layers * d).to(self.proj1.weight.dtype)
         x = F.silu(self.proj1(x))
         x = F.silu(self.proj2(x))
         x = self.proj3(x).reshape(b, f, self.num_tokens, self.token_dim)

@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import torch
-
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput

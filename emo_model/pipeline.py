@@ -14,7 +14,6 @@ from typing import Callable, Optional, Union
 
 import numpy as np
 import torch
-
 from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 

@@ -86,7 +86,7 @@ def make_tiny_pipeline(seed: int = 0, randomize_new_layers: bool = True):
     emo = EMOModel(**tiny_emo_config())
     if randomize_new_layers:
         with torch.no_grad():
-            for name, p in emo.named_parameters():
+            for p in emo.parameters():
                 if p.abs().sum() == 0 and p.ndim > 0:
                     p.normal_(0.0, 0.02)
             emo.text_context.normal_()

@@ -27,14 +27,13 @@ from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from diffusers.models.attention import FeedForward
 from diffusers.models.attention_processor import Attention
 from diffusers.models.downsampling import Downsample2D
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.resnet import ResnetBlock2D
 from diffusers.models.upsampling import Upsample2D
+from torch import nn
 
 from .conditioning import zero_module
 

@@ -121,10 +121,9 @@ def _add_build_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_build(args) -> int:
+    from emo_data.config import ExecutorConfig
     from pipelines.failures import failure_table, too_many_failures
     from pipelines.local import build_corpus
-
-    from emo_data.config import ExecutorConfig
 
     try:
         config = _load_config(args)

@@ -75,7 +75,7 @@ class SourcePipeline:
                 if isinstance(item, ClipCandidate):
                     end.keys.append(item.key)
                     kind, payload = CLIP, ClipInFlight(item)
-                    for stage, fn in steps:
+                    for stage, fn in steps:  # noqa: B007 - ``stage`` names the step in a failure row
                         kind, payload = fn(payload)
                         if kind != CLIP:
                             break

@@ -17,6 +17,7 @@ from emo_data.audio_features import (
     wav2vec_frame_positions,
 )
 from emo_data.config import AudioFeatureConfig
+
 from audio_helpers import decode_audio_16k, make_tiny_wav2vec2, sample_path, set_hf_offline
 
 

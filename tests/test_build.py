@@ -10,8 +10,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import REPO, sample
 from emo_data.shards import SampleMeta, config_sha256, decode_sample, iter_raw_samples, read_index, validate_shard
+
+from conftest import REPO, sample
 
 TALKING_HEADS = [
     "sadtalker__WDA_AlexandriaOcasioCortez_000",
@@ -66,8 +67,9 @@ def test_no_clip_straddles_a_scene_cut_and_silences_are_rejected(manifest):
 
 def _still_video(path, image_path, audio_path, seconds=3.0):
     """A real photo held for ``seconds`` with a real voice track: a multi-face 'shot'."""
-    import cv2
     from fractions import Fraction
+
+    import cv2
 
     image = cv2.imread(str(image_path))[..., ::-1]
     h, w = (image.shape[0] // 2) * 2, (image.shape[1] // 2) * 2
@@ -95,8 +97,8 @@ def _still_video(path, image_path, audio_path, seconds=3.0):
 
 def test_two_faces_are_rejected_as_multi_face(tmp_path):
     from emo_data.config import BuildConfig
-    from pipelines.local import build_corpus
     from emo_data.types import Source
+    from pipelines.local import build_corpus
 
     video = tmp_path / "two_people.mp4"
     _still_video(video, sample("images/face_recognition__two_people.jpg"), sample("audio/sadtalker__RD_Radio31_000.wav"))

@@ -10,8 +10,6 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import REPO
-from shard_fixtures import fixture_index, make_sample
 
 from emo_data.config import BuildConfig, ClipConfig, SpeedConfig
 from emo_data.shards import (
@@ -33,6 +31,9 @@ from emo_data.shards import (
     write_mp4,
     write_tar,
 )
+
+from conftest import REPO
+from shard_fixtures import fixture_index, make_sample
 
 # A sample json as the builds before config references wrote it (meta_version absent = 1): the
 # whole build config inline, no quality / vocals / audio_source keys yet, one key this code does

@@ -7,9 +7,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import sample
 from emo_data.identity import assign_identities, cluster_embeddings, split_identities
 from emo_data.shards import SampleMeta, config_sha256, decode_sample, iter_raw_samples, read_index, validate_shard
+
+from conftest import sample
 
 
 def _configs(shard: str) -> tuple[dict, set]:

@@ -1,18 +1,17 @@
 """Probe + single streaming decode on the real samples: CFR resampling, A/V alignment, rotation, bad files."""
 from __future__ import annotations
 
-import io
-import shutil
 from fractions import Fraction
 
 import av
 import numpy as np
 import pytest
 
-from conftest import sample
 from emo_data.decode import AudioDecodeStage, ProbeStage, iter_frames
 from emo_data.stage import StageError
 from emo_data.types import Source
+
+from conftest import sample
 
 
 def _src(path: str) -> Source:

@@ -18,6 +18,7 @@ torch.set_num_threads(1)  # tiny pipeline ops: a second thread only adds sync co
 def setup(tmp_path_factory):
     from emo_model.eval.testing import write_test_weights
     from emo_model.tiny import make_tiny_model
+
     from shard_fixtures import make_shard
 
     sample("video/sadtalker__WDA_KatieHill_000.mp4")

@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import sample
 from emo_model.eval import ScoreConfig, frechet_distance, frechet_distance_between, score_corpus
 from emo_model.eval.frechet import GaussianStats
+
+from conftest import sample
 
 torch.set_num_threads(1)  # a second thread mostly adds sync cost on a busy 2-core box
 

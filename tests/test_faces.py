@@ -14,6 +14,7 @@ from emo_data.faces import FaceBackend, FaceBackendUnavailable, FaceTracker, box
 from emo_data.types import Face
 
 from conftest import SAMPLES  # noqa: E402 - ../shared/samples or $EMO_SAMPLES_DIR
+
 needs_samples = pytest.mark.skipif(
     not SAMPLES.is_dir(), reason=f"sample footage not found at {SAMPLES} (read-only fixtures)"
 )

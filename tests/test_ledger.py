@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import os
 
+from emo_data.ledger import END, FAILED, GATED, WRITTEN, ClipResult, SourceEnd
+from emo_data.ledger import SourceLedger as _Ledger
 from emo_data.shards import StreamingTarWriter
 from emo_data.staging import is_done, part_path, parts_dir, read_staged
 from emo_data.types import Source
-from emo_data.ledger import END, FAILED, GATED, WRITTEN, ClipResult, SourceEnd, SourceLedger as _Ledger
+
 from shard_fixtures import make_sample
 
 
@@ -80,8 +82,9 @@ def test_shipped_executor_configs_load():
     import glob
     import json
 
-    from conftest import REPO
     from emo_data.config import ExecutorConfig, StageResources
+
+    from conftest import REPO
 
     paths = sorted(glob.glob(str(REPO / "configs" / "executor-*.json")))
     assert paths
@@ -155,8 +158,8 @@ def test_stall_watchdog_ends_an_iteration_that_delivers_nothing():
 
 
 def test_unfinished_source_becomes_a_failed_row_with_its_fingerprint(tmp_path):
-    from emo_data.staging import read_marker
     from emo_data.ledger import seal_unfinished as _seal_unfinished
+    from emo_data.staging import read_marker
 
     out = str(tmp_path)
     _write_part(out, "slow", 0)  # half staged when the watchdog fired

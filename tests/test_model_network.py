@@ -2,7 +2,6 @@
 import numpy as np
 import pytest
 import torch
-
 from diffusers import UNet2DConditionModel
 
 from emo_model import EMOModel, constant_speed_buckets, speed_bucket_encoding, window_frames
@@ -48,7 +47,7 @@ def _inputs(f=F_, b=B, seed=2):
 
 def _randomize_new_layers(m):
     with torch.no_grad():
-        for name, p in m.named_parameters():
+        for p in m.parameters():
             if p.abs().sum() == 0:
                 p.normal_(0, 0.05)
 

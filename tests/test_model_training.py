@@ -19,6 +19,7 @@ from emo_model.training import (  # noqa: E402
     trainable_parameter_names,
     training_loss,
 )
+
 from train_helpers import shared_corpus  # noqa: E402
 
 torch.set_num_threads(1)

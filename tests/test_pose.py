@@ -289,6 +289,7 @@ def test_render_plots_raw_and_smoothed_speed(tmp_path):
     matplotlib.use("Agg")
     from emo_data import schema
     from emo_data.inspect.render import contact_sheet, decode_for_render
+
     from shard_fixtures import make_sample
 
     key, members, _meta = make_sample(0, frames=20, with_audio_emb=False)

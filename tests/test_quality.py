@@ -11,7 +11,6 @@ import cv2
 import numpy as np
 import pytest
 
-from conftest import sample
 from emo_data.quality import (
     FaceQualityScorer,
     MusiqFaceScorer,
@@ -22,6 +21,8 @@ from emo_data.quality import (
     pick_frames,
 )
 from emo_data.stage import StageError
+
+from conftest import sample
 
 CLIP = "video/sadtalker__WDA_KatieHill_000.mp4"
 

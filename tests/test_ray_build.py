@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -17,8 +17,9 @@ import time
 import pandas as pd
 import pytest
 
-from conftest import REPO, sample
 from emo_data.shards import iter_raw_samples, validate_shard
+
+from conftest import REPO, sample
 
 pytestmark = pytest.mark.ray
 
@@ -162,8 +163,8 @@ def test_kill_minus_9_then_resume_gives_the_clean_keys(tmp_path, subset_manifest
 
 
 def test_crashing_worker_becomes_a_row_and_failure_fraction_exits_nonzero(tmp_path, monkeypatch, capsys):
-    from pipelines.cli import main
     from emo_data.staging import read_staged
+    from pipelines.cli import main
 
     garbage = tmp_path / "garbage.mp4"
     garbage.write_bytes(os.urandom(20_000))

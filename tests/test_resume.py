@@ -15,8 +15,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import sample
 from emo_data.shards import SampleMeta, iter_raw_samples, read_index, validate_shard
+
+from conftest import sample
 
 TOKEN = "hf_emoTestTokenDoNotStore0123456789"
 HEADS = ["video/v-express__RD_Radio10_0_clip_0.mp4", "video/video-retalking__face_5.mp4"]

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import sample
 from emo_data.decode import iter_frames
 from emo_data.scenes import SceneCutDetector
+
+from conftest import sample
 
 
 def _cuts(path: str) -> list[float]:

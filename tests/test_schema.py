@@ -7,6 +7,7 @@ import os
 import numpy as np
 import pytest
 
+from emo_data.samples import face_union_mask
 from emo_data.shards import (
     SampleMeta,
     ShardWriter,
@@ -22,7 +23,6 @@ from emo_data.shards import (
     wav_bytes,
     write_tar,
 )
-from emo_data.samples import face_union_mask
 from emo_data.types import ClipSample
 
 

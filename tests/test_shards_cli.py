@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
-import shard_fixtures as fx  # noqa: E402
-
 from emo_data import shards  # noqa: E402
 from emo_data.shards_cli import main  # noqa: E402
+
+import shard_fixtures as fx  # noqa: E402
+
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> str:
@@ -330,7 +331,8 @@ def test_remote_reads_touch_only_the_needed_bytes(corpus, capsys):
     rc, _, _ = run(["stats", "countfs://" + corpus], capsys)
     assert rc == 0 and tar_bytes() == 0
     entry = fx.load_index(shard)["samples"][1]
-    span = max(l["offset"] + l["size"] for l in entry["members"].values()) - min(l["offset"] for l in entry["members"].values())
+    locs = entry["members"].values()
+    span = max(loc["offset"] + loc["size"] for loc in locs) - min(loc["offset"] for loc in locs)
     fs_cls.fetched.clear()
     rc, out, _ = run(["show", "countfs://" + shard, entry["key"]], capsys)
     assert rc == 0 and "40x68x2" in out

@@ -10,7 +10,6 @@ import os
 import numpy as np
 import pytest
 
-from audio_helpers import decode_audio_16k, make_tiny_pyannote_pipeline, sample_path, set_hf_offline
 from emo_data.config import SpeechConfig
 from emo_data.speech import (
     Span,
@@ -21,6 +20,8 @@ from emo_data.speech import (
     single_speaker_spans,
 )
 from emo_data.types import AudioTrack
+
+from audio_helpers import decode_audio_16k, make_tiny_pyannote_pipeline, sample_path, set_hf_offline
 
 
 def _pp(spans, duration=100.0, min_speech=0.25, min_silence=0.6, pad=0.1, blockers=()):

@@ -15,7 +15,6 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import sample as _sample
 from emo_data.config import BuildConfig, SyncConfig
 from emo_data.shards import iter_raw_samples, load_wav
 from emo_data.sync.base import SyncResult
@@ -23,6 +22,7 @@ from emo_data.sync.gate import decide, shift_clip_audio
 from emo_data.types import ClipCandidate, Source
 
 import sync_media as media
+from conftest import sample as _sample
 
 FPS = 25
 
@@ -217,8 +217,9 @@ def test_vocal_separation_feeds_the_gate_and_features_but_the_wav_stays_the_mix(
     the same file is not: same stored wav, different audio features, and each json says why."""
     import shutil
 
-    from pipelines.local import build_corpus
     from test_vocals import export_tiny_mdx
+
+    from pipelines.local import build_corpus
 
     weights = tmp_path / "mdx_tiny.onnx"
     export_tiny_mdx(weights, dynamic_time=True)
@@ -253,7 +254,6 @@ def test_syncnet_backend_runs_in_the_build_on_weights_loaded_the_real_way(varian
     the gate decodes each clip, scores it with SyncNet and records LSE-D / LSE-C, the curve and
     which weights it used."""
     import torch
-
     from test_syncnet import _random_state
 
     weights = tmp_path / "syncnet_v2.model"

@@ -21,7 +21,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from audio_helpers import decode_audio_16k, sample_path
 from emo_data.stage import StageError
 from emo_data.sync.base import SyncInput
 from emo_data.sync.syncnet import (
@@ -35,6 +34,8 @@ from emo_data.sync.syncnet import (
     syncnet_distances,
     to_pcm16,
 )
+
+from audio_helpers import decode_audio_16k, sample_path
 
 VIDEO = "video/sadtalker__WDA_KatieHill_000.mp4"
 AUDIO = "audio/sadtalker__RD_Radio31_000.wav"

@@ -30,6 +30,7 @@ from emo_model.train_data import (  # noqa: E402
     decode_frames,
     load_catalog,
 )
+
 from train_helpers import copy_shards, shared_corpus  # noqa: E402
 
 torch.set_num_threads(1)
@@ -220,8 +221,8 @@ def test_decode_frames_seeks_to_keyframes(tmp_path):
 def test_add_latents_writes_valid_members_that_training_reads(corpus, tmp_path):
     from diffusers import AutoencoderKL
 
-    from pipelines.cli import main
     from emo_data.latents import resize_frames
+    from pipelines.cli import main
 
     shards = copy_shards(corpus["train"][:1], str(tmp_path / "shards"))
     vae_dir = os.path.join(corpus["model"], "vae")

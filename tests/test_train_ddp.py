@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from emo_model import checkpointing as ckpt
+
 from train_helpers import read_metrics, shared_corpus, subprocess_env
 
 

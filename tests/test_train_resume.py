@@ -15,6 +15,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from emo_model import checkpointing as ckpt  # noqa: E402
 from emo_model.training import TrainConfig, train  # noqa: E402
+
 from train_helpers import read_metrics, shared_corpus, subprocess_env  # noqa: E402
 
 torch.set_num_threads(1)

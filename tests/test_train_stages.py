@@ -13,6 +13,7 @@ from emo_model import EMOModel, constant_speed_buckets  # noqa: E402
 from emo_model.conditioning import DEFAULT_SPEED_CENTERS  # noqa: E402
 from emo_model.train_config import TrainConfig  # noqa: E402
 from emo_model.training import DataContractError, build_parser, config_from_args, train  # noqa: E402
+
 from train_helpers import copy_shards, shared_corpus  # noqa: E402
 
 torch.set_num_threads(1)
@@ -40,8 +41,8 @@ def _run(corpus, stage, model, out, **kw):
 def test_three_stages_chain_through_checkpoints(corpus, tmp_path):
     from safetensors.torch import save_file
 
-    from pipelines.cli import main as data_main
     from emo_model.pipeline import EMOPipeline
+    from pipelines.cli import main as data_main
 
     # stage 1 from the tiny pipeline, with TensorBoard
     s1 = _run(corpus, "image", corpus["model"], tmp_path / "s1", steps=2, log_with=["tensorboard"])["checkpoint"]

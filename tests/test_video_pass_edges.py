@@ -8,10 +8,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import sample as _sample
 from emo_data.config import BuildConfig
 
 import sync_media as media
+from conftest import sample as _sample
 
 
 @pytest.fixture(scope="module")

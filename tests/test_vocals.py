@@ -15,7 +15,6 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from conftest import sample
 from emo_data.stage import StageError
 from emo_data.vocals import (
     HTDemucsSeparator,
@@ -28,6 +27,8 @@ from emo_data.vocals import (
     main,
     make_vocal_separator,
 )
+
+from conftest import sample
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("demucs")

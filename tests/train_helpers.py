@@ -19,11 +19,12 @@ FPS = 25.0
 
 def downscale_sample(key: str, members: dict, meta: dict, size: int) -> tuple[str, dict, dict]:
     """The same sample at ``size`` x ``size`` pixels (video, mask, boxes, landmarks, json)."""
+    import cv2
+
     from emo_data.latents import resize_frames
     from emo_data.shards import config_sha256, decode_mp4, encode_mp4, load_npy, load_png, npy_bytes, png_bytes
-    from shard_fixtures import fixture_config
 
-    import cv2
+    from shard_fixtures import fixture_config
 
     src = int(meta["crop_size"])
     scale = size / src
@@ -47,6 +48,7 @@ def write_corpus(root: str, *, train_shards: int = 2, per_shard: int = 3, test_s
     """``root/train-00000N.tar`` (+ ``test-...``) of real-footage samples; with ``wav2vec`` real audio
     features are added through ``emo-data add-features``. Returns ``{"train": [...], "test": [...]}``."""
     from emo_data.shards import shard_name, write_tar
+
     from shard_fixtures import fixture_index, make_sample
 
     os.makedirs(root, exist_ok=True)

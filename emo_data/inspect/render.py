@@ -182,7 +182,7 @@ def contact_sheet(d: dict[str, Any], out_png: str, n_frames: int = 8, shard: str
                        extent=(0, len(emb) / fps, 0, L * D), interpolation="nearest")
         for layer in range(1, L):
             ax.axhline(layer * D, color="w", lw=0.6)
-        ax.set_yticks([(l + 0.5) * D for l in range(L)], [f"L{l}" for l in range(L)], fontsize=7 if L < 16 else 5)
+        ax.set_yticks([(layer + 0.5) * D for layer in range(L)], [f"L{layer}" for layer in range(L)], fontsize=7 if L < 16 else 5)
         cb = fig.colorbar(im, ax=ax, pad=0.005, fraction=0.02)
         cb.set_label("activation", fontsize=9)
         enc = (meta.get("audio_emb") or {}).get("encoder", "?")

@@ -221,11 +221,13 @@ class SyncGateStage(Stage[ClipCandidate, GateOutcome]):
             if decision.action == "reject":
                 return GateOutcome(None, self._rejected(clip, decision.reason or LOW_QUALITY, decision.detail, {}))
             return GateOutcome(clip)
-        record: dict[str, Any] = {"mode": cfg.mode, "backend": self.backend.name, "audio_source": clip.audio_source}
+        backend = self.backend
+        assert backend is not None, "setup() builds the backend when the gate is enabled"
+        record: dict[str, Any] = {"mode": cfg.mode, "backend": backend.name, "audio_source": clip.audio_source}
         motion = mouth_motion_p90(clip)
         record["mouth_motion_p90"] = None if motion is None else round(motion, 4)
         try:
-            result = self.backend.score(sync_input(clip, self.crop_size))
+            result = backend.score(sync_input(clip, self.crop_size))
             record.update(result.to_dict())
             record["backend"] = result.backend
         except StageError as exc:  # a clip the backend cannot score stays scoreless, visibly

@@ -44,7 +44,7 @@ class FaceAnalyzer:
 
     def __init__(self, identity_backend: Optional[str] = "dlib", model_root: Optional[str] = None):
         """``identity_backend``: "dlib" | "insightface" | None (landmarks only; see :meth:`load_identity`)."""
-        from emo_data.faces.dlib_backend import DlibBackend, SHAPE_68, dlib_model_dir
+        from emo_data.faces.dlib_backend import SHAPE_68, DlibBackend, dlib_model_dir
 
         self.landmarker = DlibBackend(_eval_face_config("dlib", None))
         self.landmarker.setup()

@@ -162,7 +162,17 @@ def score_corpus(gen_dir: str, shards: list[str], cfg: Optional[ScoreConfig] = N
     """Score every finished sample of ``gen_dir`` against its ground truth in ``shards``."""
     from tqdm.auto import tqdm
 
-    from emo_data.shards import SAMPLE_RATE, SampleMeta, decode_mp4, iter_raw_samples, list_shards, load_npy, load_wav, read_index, read_sample
+    from emo_data.shards import (
+        SAMPLE_RATE,
+        SampleMeta,
+        decode_mp4,
+        iter_raw_samples,
+        list_shards,
+        load_npy,
+        load_wav,
+        read_index,
+        read_sample,
+    )
 
     cfg = cfg or ScoreConfig()
     t_start = time.perf_counter()
