@@ -33,6 +33,7 @@ import hashlib
 import json
 import math
 import os
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any, Optional
@@ -101,7 +102,7 @@ def make_vocal_separator(config: VocalsConfig) -> Optional["VocalSeparator"]:
 # --------------------------------------------------------------------------------------------
 
 
-class VocalSeparator:
+class VocalSeparator(ABC):
     """Mono float32 track in, its vocals out: same length, same rate, float32 mono.
 
     Subclasses load their model in ``_load`` and separate one batch of model-rate stereo segments
@@ -188,11 +189,13 @@ class VocalSeparator:
             grid.add(out, k, back)
 
     # -- backend hooks -------------------------------------------------------------------------
-    def _load(self) -> None:  # pragma: no cover - interface
-        raise NotImplementedError
+    @abstractmethod
+    def _load(self) -> None:
+        """Load the model from ``self.weights`` (each backend reads its own format)."""
 
-    def _separate_segments(self, stereo: np.ndarray) -> np.ndarray:  # pragma: no cover - interface
-        raise NotImplementedError
+    @abstractmethod
+    def _separate_segments(self, stereo: np.ndarray) -> np.ndarray:
+        """[B, 2, n] model-rate stereo segments -> [B, n] vocals."""
 
     def _normalisation(self, peak: float, mean: float, std: float) -> tuple[float, float]:
         """``(offset, scale)``: the model sees ``(x - offset) * scale``. From the whole track's

@@ -10,6 +10,7 @@ curve, so a user (and ``emo-shards render``) can see how peaked the match is.
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -65,7 +66,7 @@ class SyncResult:
         }
 
 
-class SyncBackend:
+class SyncBackend(ABC):
     """``setup()`` once per worker (loads weights), ``score()`` per clip. Never raises for a
     merely bad clip: a clip that cannot be scored raises :class:`emo_data.stage.StageError`."""
 
@@ -77,8 +78,9 @@ class SyncBackend:
         self.max_offset = int(max_offset)
         self.device = device
 
-    def setup(self) -> None:
+    def setup(self) -> None:  # noqa: B027 - an optional hook: a backend without weights loads nothing
         """Load models; called once before the first clip."""
 
-    def score(self, item: SyncInput) -> SyncResult:  # pragma: no cover - interface
-        raise NotImplementedError
+    @abstractmethod
+    def score(self, item: SyncInput) -> SyncResult:
+        """Score one clip over offsets in [-max_offset, +max_offset]; implemented by every backend."""
